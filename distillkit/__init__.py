@@ -1,0 +1,45 @@
+"""distillkit: distil diffusion / flow-matching models into few-step samplers.
+
+The public API that plugins and users import. The core never imports a plugin; the built-in
+methods, integrators, backbones and datasets arrive through the ``distillkit`` entry-point group.
+"""
+
+from .contracts import (
+    Backbone,
+    Batch,
+    DataSpec,
+    Dataset,
+    LossOutput,
+    Method,
+    MethodContext,
+    NoOptions,
+    Teacher,
+    VelocityFn,
+)
+from .errors import ConfigError, DistillkitError, TimeGridError, UnknownNameError, UsageError
+from .hookspecs import hookimpl
+from .integrators.tableau import ButcherTableau
+from .plugin_manager import get_registries
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "Batch",
+    "ButcherTableau",
+    "ConfigError",
+    "DataSpec",
+    "Dataset",
+    "DistillkitError",
+    "LossOutput",
+    "Method",
+    "MethodContext",
+    "NoOptions",
+    "Teacher",
+    "TimeGridError",
+    "UnknownNameError",
+    "UsageError",
+    "VelocityFn",
+    "get_registries",
+    "hookimpl",
+]

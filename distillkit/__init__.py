@@ -20,6 +20,7 @@ from .errors import ConfigError, DistillkitError, TimeGridError, UnknownNameErro
 from .hookspecs import hookimpl
 from .integrators.tableau import ButcherTableau
 from .plugin_manager import get_registries
+from .integrators import edm_grid, explicit_grid, integrate, uniform_grid, validate_time_grid
 
 __version__ = "0.1.0"
 
@@ -42,4 +43,9 @@ __all__ = [
     "VelocityFn",
     "get_registries",
     "hookimpl",
+    "integrate",
+    "uniform_grid",
+    "edm_grid",
+    "explicit_grid",
+    "validate_time_grid",
 ]

@@ -1,1 +1,49 @@
-"""placeholder until written."""
+"""Plain flow matching (1-rectified flow): the ODE objective, the control for every distillation
+method, and the kind of model later methods use as a teacher.
+
+In the project's convention (t = 0 data, t = 1 noise): x_t = (1 - t) x + t eps and the network
+regresses the straight-line velocity v* = eps - x, with t ~ U(t_min, 1).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+import distillkit
+from distillkit import Batch, LossOutput, Method, hookimpl
+
+
+def _in_unit_interval(instance, attribute, value):
+    if not 0.0 <= value < 1.0:
+        raise distillkit.ConfigError(attribute.name, value, "a number in [0, 1)")
+
+
+@attrs.frozen
+class FlowMatchingConfig:
+    t_min: float = attrs.field(default=1e-5, validator=_in_unit_interval)
+
+
+def interpolate(batch: Batch, generator: torch.Generator, t_min: float):
+    """(t, eps, x_t, v*) for a batch: t ~ U(t_min, 1) per sample, eps ~ N(0, I)."""
+    x0 = batch.x
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    u = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+    t = u * (1.0 - t_min) + t_min
+    t_b = t.view(-1, *([1] * (x0.dim() - 1)))
+    return t, eps, (1.0 - t_b) * x0 + t_b * eps, eps - x0
+
+
+class FlowMatching(Method):
+    name = "fm"
+    config_class = FlowMatchingConfig
+
+    def loss(self, student, batch, generator, step):
+        t, _, x_t, target = interpolate(batch, generator, self.config.t_min)
+        loss = torch.nn.functional.mse_loss(student(x_t, t, batch.cond), target)
+        return LossOutput(loss)
+
+
+@hookimpl
+def distillkit_register_methods(register):
+    register(FlowMatching)

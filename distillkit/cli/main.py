@@ -1,0 +1,135 @@
+"""The ``distillkit`` command line.
+
+Every user error ends as one line on stderr (``distillkit: error: ...``) and exit code 2, before
+any file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+import attrs
+
+from ..errors import ConfigError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the one line the rest of the CLI prints too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.partition(" ")[2]
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def _add_run_parser(subparsers) -> None:
+    from ..config import cli_fields
+
+    run = subparsers.add_parser(
+        "run",
+        help="train a method and evaluate it at several NFEs",
+        description="Train a method, then sample at NFE 1, 2, 4, 8 and report quality; tracked in MLflow.",
+    )
+    for flag, dotted, field in cli_fields():
+        run.add_argument(flag, dest=f"opt:{dotted}", default=argparse.SUPPRESS, metavar=field.name.upper(),
+                         help=f"{field.metadata['help']} (default: {_show_default(field.default)})")
+    run.add_argument("--config", metavar="FILE", help="TOML file with options (flags and --set override it)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="set any option by its dotted key, e.g. train.lr=1e-3 or method_options.tn=16")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved configuration as TOML and exit")
+    run.add_argument("--no-track", action="store_true", help="do not log to MLflow (files still go to --runs-dir)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _show_default(value) -> str:
+    if isinstance(value, attrs.Factory):  # type: ignore[arg-type]
+        return "see docs"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return repr(value) if value == "" else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distillkit", description="Distil diffusion / flow-matching models into few-step samplers.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    _add_run_parser(subparsers)
+    plugins = subparsers.add_parser("plugins", help="list installed plugins and what each registered")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _config_tree(args: argparse.Namespace) -> dict:
+    from ..config import load_toml, nested_set, parse_literal
+    from ..errors import ConfigError
+
+    tree: dict = load_toml(args.config) if args.config else {}
+    for key, value in vars(args).items():
+        if key.startswith("opt:"):
+            nested_set(tree, key[4:], value)
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", item, "KEY=VALUE, e.g. train.lr=1e-3")
+        nested_set(tree, key.strip(), parse_literal(value.strip()))
+    return tree
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from ..plugin_manager import plugin_state
+
+    state = plugin_state()
+    infos = [info.to_json() for info in sorted(state.plugins.values(), key=lambda i: i.name)]
+    if args.json:
+        print(json.dumps({"plugins": infos}, indent=2))
+        return 0
+    for info in infos:
+        dist = f"{info['distribution']} {info['version']}" if info["distribution"] else "not from a distribution"
+        print(f"{info['name']}  ({dist})")
+        for kind, names in sorted(info["registered"].items()):
+            print(f"    {kind}: {', '.join(names)}")
+        for error in info["errors"]:
+            print(f"    ERROR: {error}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_command
+
+    return run_command(args, _config_tree(args))
+
+
+def _with_flag(exc: ConfigError) -> str:
+    """Name the flag the user typed, when the option has one, next to its dotted key."""
+    from ..config import cli_fields
+
+    flags = {dotted: flag for flag, dotted, _ in cli_fields()}
+    if exc.option in flags:
+        flag = flags[exc.option]
+        key = "" if flag[2:].replace("-", "_") == exc.option else f" (config key {exc.option})"
+        return f"{flag}={exc.value!r}{key} is not allowed: {exc.allowed}"
+    return str(exc)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "plugins":
+            return cmd_plugins(args)
+        return cmd_run(args)
+    except ConfigError as exc:
+        print(f"distillkit: error: {_with_flag(exc)}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"distillkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

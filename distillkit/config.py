@@ -1,0 +1,334 @@
+"""Configuration: attrs classes are the single source of every option.
+
+The CLI flags, TOML config files (``--config``), ``--set key=value`` overrides, ``--dry-run`` output
+and the MLflow params are all derived from the classes below and from the ``config_class`` of the
+chosen method, backbone and dataset plugins. Every bad value is reported as a ``ConfigError`` that
+names the option, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# validators that produce one-line ConfigErrors
+
+
+def _positive_int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(attribute.name, value, "a positive integer")
+
+
+def _non_negative_int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(attribute.name, value, "an integer >= 0")
+
+
+def _positive_float(instance, attribute, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(attribute.name, value, "a positive number")
+
+
+def _non_negative_float(instance, attribute, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ConfigError(attribute.name, value, "a number >= 0")
+
+
+def _unit_interval_open_right(instance, attribute, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ConfigError(attribute.name, value, "a number in [0, 1)")
+
+
+def _positive_ints(instance, attribute, value) -> None:
+    if not value or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
+        raise ConfigError(attribute.name, ",".join(map(str, value)), "one or more positive integers, comma-separated")
+
+
+def _non_empty_str(instance, attribute, value) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(attribute.name, value, "a non-empty string")
+
+
+def _device(instance, attribute, value) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(attribute.name, value, "cpu, cuda, cuda:N, mps or auto")
+    head, _, index = value.partition(":")
+    if head not in ("cpu", "cuda", "mps", "auto") or (index and not (head == "cuda" and index.isdigit())):
+        raise ConfigError(attribute.name, value, "cpu, cuda, cuda:N, mps or auto")
+
+
+def _one_of(*choices: str):
+    def check(instance, attribute, value) -> None:
+        if value not in choices:
+            raise ConfigError(attribute.name, value, "one of " + ", ".join(choices))
+
+    return check
+
+
+def _int_tuple(value) -> tuple:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            return tuple(parts)
+    return tuple(value)
+
+
+def option(default: Any, *validators, cli: Optional[str] = None, help: str = "", converter=None, **kw):
+    """An attrs field with its CLI flag (if any) and help text in the metadata."""
+    return attrs.field(
+        default=default,
+        validator=list(validators) or None,
+        converter=converter,
+        metadata={"cli": cli, "help": help},
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the run configuration
+
+
+@attrs.frozen
+class TrainConfig:
+    max_steps: int = option(2000, _positive_int, cli="--max-steps", help="optimizer steps to train")
+    batch_size: int = option(128, _positive_int, cli="--batch-size", help="samples per optimizer step")
+    lr: float = option(2e-3, _positive_float, cli="--lr", help="Adam learning rate")
+    warmup_steps: int = option(100, _non_negative_int, help="linear learning-rate warm-up steps")
+    ema_decay: float = option(0.999, _unit_interval_open_right, help="EMA decay per step (0 = no averaging)")
+    grad_clip: float = option(1.0, _non_negative_float, help="max gradient norm (0 = no clipping)")
+    log_every: int = option(25, _positive_int, help="steps between logged training metrics")
+
+
+@attrs.frozen
+class SampleConfig:
+    nfe: tuple = option(
+        (1, 2, 4, 8), _positive_ints, cli="--nfe", converter=_int_tuple,
+        help="network evaluations per sample at the end-of-run evaluation",
+    )
+    integrator: str = option("euler", _non_empty_str, cli="--sample-integrator", help="integrator for sampling")
+    grid: str = option("uniform", _one_of("uniform", "edm"), help="time grid for sampling: uniform or edm")
+    num_samples: int = option(1000, _positive_int, help="samples drawn per NFE for the quality metric")
+    reference_integrator: str = option(
+        "rk4", _non_empty_str, help="integrator of the model's own high-accuracy solve (for ode_error)"
+    )
+    reference_steps: int = option(
+        32, _positive_int, help="steps of the high-accuracy solve that few-step samples are compared with"
+    )
+    seed: int = option(1234, _non_negative_int, help="first per-sample noise seed (sample i uses seed + i)")
+
+
+@attrs.frozen
+class RunConfig:
+    method: str = option("cud", _non_empty_str, cli="--method", help="training method (distillkit plugins lists them)")
+    integrator: str = option(
+        "euler", _non_empty_str, cli="--integrator",
+        help="integrator a method uses in its loss (CUD: catch-up alignment euler, rk2 or rk3)",
+    )
+    dataset: str = option("digits", _non_empty_str, cli="--dataset", help="dataset")
+    backbone: str = option("auto", _non_empty_str, cli="--backbone", help="network (auto: the dataset's default)")
+    seed: int = option(0, _non_negative_int, cli="--seed", help="seed of every random number the run draws")
+    device: str = option("cpu", _device, cli="--device", help="cpu, cuda, cuda:N, mps or auto")
+    runs_dir: str = option("distillkit-runs", _non_empty_str, cli="--runs-dir", help="where runs, MLflow database and artifacts go")
+    tracking_uri: str = option(
+        "", cli="--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs-dir>/mlflow.db)",
+    )
+    experiment: str = option("distillkit", _non_empty_str, cli="--experiment", help="MLflow experiment name")
+    data_root: str = option("", cli="--data-root", help="directory holding dataset files (offline data)")
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    sample: SampleConfig = attrs.field(factory=SampleConfig)
+    method_options: dict = attrs.field(factory=dict, metadata={"help": "options of the chosen method"})
+    backbone_options: dict = attrs.field(factory=dict, metadata={"help": "options of the chosen backbone"})
+    dataset_options: dict = attrs.field(factory=dict, metadata={"help": "options of the chosen dataset"})
+
+
+SECTIONS = {"train": TrainConfig, "sample": SampleConfig}
+OPTION_SECTIONS = ("method_options", "backbone_options", "dataset_options")
+
+
+# --------------------------------------------------------------------------------------------
+# building configs from untyped values (TOML, --set, CLI flags)
+
+
+def parse_literal(text: str) -> Any:
+    """A ``--set`` value: a TOML literal (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"x"``) or else the raw text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " (or empty)"
+    if origin is tuple or tp is tuple:
+        args = typing.get_args(tp)
+        inner = _describe(args[0]) if args else "value"
+        return f"a comma-separated list of {inner}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def coerce(option_name: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (typed TOML value or raw string) to type ``tp`` or raise ConfigError."""
+    if isinstance(value, str) and tp is not str:
+        value = parse_literal(value)
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or value == "" or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return coerce(option_name, value, args[0])
+    if origin is tuple or tp is tuple:
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = value if isinstance(value, (list, tuple)) else [parse_literal(p.strip()) for p in str(value).split(",") if p.strip()]
+        if inner is Any:
+            return tuple(items)
+        try:
+            return tuple(coerce(option_name, item, inner) for item in items)
+        except ConfigError:
+            raise ConfigError(option_name, value, _describe(tp)) from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(option_name, value, "true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(option_name, value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(option_name, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(option_name, value, "a string")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build_attrs(cls: type, values: dict, prefix: str) -> Any:
+    """Instantiate attrs ``cls`` from a dict, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(values, dict):
+        raise ConfigError(prefix.rstrip("."), values, "a table of options")
+    fields = attrs.fields_dict(cls)
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            allowed = ", ".join(f"{prefix}{k}" for k in fields) or "no options"
+            raise ConfigError(name, value, f"unknown option; allowed: {allowed}")
+        kwargs[key] = coerce(name, value, types[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc.option}", exc.value, exc.allowed) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(prefix.rstrip(".") or cls.__name__, values, str(exc)) from None
+
+
+def nested_set(tree: dict, dotted: str, value: Any) -> None:
+    """``nested_set(tree, "train.lr", 1e-3)``: put a value at a dotted key in a nested dict."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError("--set", dotted, "a dotted key such as train.lr or method_options.tn")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError("--set", dotted, f"{part} is not a section")
+    node[parts[-1]] = value
+
+
+def run_config_from_dict(values: dict) -> RunConfig:
+    """The RunConfig for a nested dict (TOML file, plus overrides). Plugin options stay raw dicts
+    here: they are checked against the plugin's own config class by ``resolve``."""
+    values = dict(values)
+    top_fields = attrs.fields_dict(RunConfig)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in top_fields:
+            allowed = ", ".join(top_fields)
+            raise ConfigError(key, value, f"unknown option; allowed top-level keys: {allowed}")
+        if key in SECTIONS:
+            kwargs[key] = build_attrs(SECTIONS[key], value, f"{key}.")
+        elif key in OPTION_SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(key, value, "a table of options")
+            kwargs[key] = dict(value)
+        else:
+            kwargs[key] = coerce(key, value, _field_types(RunConfig)[key])
+    try:
+        return RunConfig(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("config", values, str(exc)) from None
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", path, "an existing TOML file") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("--config", path, f"a readable TOML file ({exc})") from None
+
+
+def cli_fields() -> list[tuple[str, str, Any]]:
+    """(flag, dotted key, attrs field) for every option that has a command-line flag."""
+    out = []
+    for section, cls in [("", RunConfig), *((f"{k}.", v) for k, v in SECTIONS.items())]:
+        for field in attrs.fields(cls):
+            flag = field.metadata.get("cli")
+            if flag:
+                out.append((flag, f"{section}{field.name}", field))
+    return out
+
+
+def to_dict(config: Any) -> dict:
+    """A nested plain dict (tuples as lists) for TOML, JSON and MLflow."""
+
+    def plain(value):
+        if attrs.has(type(value)):
+            return {k: plain(v) for k, v in attrs.asdict(value, recurse=False).items()}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for MLflow params: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def default_runs_dir(config: RunConfig) -> Path:
+    return Path(config.runs_dir).expanduser().resolve()

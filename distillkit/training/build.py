@@ -1,0 +1,64 @@
+"""Building a run's components (data, backbone, method, student) from a resolved config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from ..contracts import Dataset, DataSpec, Method, MethodContext
+from ..plugin_manager import get_registries
+from ..resolve import Resolved
+
+
+@attrs.frozen
+class Components:
+    dataset: Dataset
+    spec: DataSpec
+    method: Method
+    student: nn.Module
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def build_components(resolved: Resolved, device: torch.device, *, seed: int) -> Components:
+    """Data, method and student; the student's initial weights depend only on ``seed``."""
+    config = resolved.config
+    dataset = resolved.dataset_cls(resolved.dataset_config, config.data_root or None)
+    spec = dataset.spec
+    context = MethodContext(
+        data=spec,
+        integrator=resolved.integrator,
+        integrator_name=config.integrator,
+        total_steps=config.train.max_steps,
+        integrators=get_registries().integrators,
+    )
+    method = resolved.method_cls(resolved.method_config, context)
+    torch.manual_seed(seed)
+    backbone = resolved.backbone_cls.build(resolved.backbone_config, spec)
+    student = method.build_student(backbone).to(device)
+    return Components(dataset=dataset, spec=spec, method=method, student=student)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(resolved: Resolved, components: Components) -> dict[str, Any]:
+    """Tags that let the MLflow UI group and filter runs."""
+    tags = {
+        "distillkit.method": resolved.config.method,
+        "distillkit.integrator": resolved.config.integrator if resolved.method_cls.uses_integrator else "none",
+        "distillkit.dataset": resolved.config.dataset,
+        "distillkit.backbone": resolved.backbone_name,
+    }
+    tags.update(components.method.tags())
+    return tags

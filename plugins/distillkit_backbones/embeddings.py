@@ -1,0 +1,152 @@
+"""What the U-Net and the MLP share: the time / label embedding, input checks and config checks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+import distillkit
+
+# ---------------------------------------------------------------------------------------------
+# Config checks. They raise distillkit.ConfigError naming the field, so the core can prefix it
+# ("backbone_options.channels=0 is not allowed: ...") and the CLI prints one line.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(instance, attribute, value) -> None:
+    if not (_is_int(value) and value > 0):
+        raise distillkit.ConfigError(attribute.name, value, "a positive integer")
+
+
+def positive_even_int(instance, attribute, value) -> None:
+    # Sinusoidal embeddings pair a cosine with a sine, so their width must be even.
+    if not (_is_int(value) and value > 0 and value % 2 == 0):
+        raise distillkit.ConfigError(attribute.name, value, "a positive even integer")
+
+
+def optional_positive_int(instance, attribute, value) -> None:
+    if value is not None:
+        positive_int(instance, attribute, value)
+
+
+def dropout_probability(instance, attribute, value) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0):
+        raise distillkit.ConfigError(attribute.name, value, "a number in [0, 1)")
+
+
+def positive_int_tuple(instance, attribute, value) -> None:
+    if not (isinstance(value, tuple) and value and all(_is_int(v) and v > 0 for v in value)):
+        raise distillkit.ConfigError(attribute.name, value, "a non-empty list of positive integers")
+
+
+def to_tuple(value):
+    """Converter: lists (TOML arrays, JSON) become tuples so that configs stay hashable."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def to_float(value):
+    """Converter: ``dropout=0`` from a TOML file means 0.0; anything else is left to the validator."""
+    return float(value) if _is_int(value) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def time_per_sample(t, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of shape ``[batch]`` with ``like``'s dtype and device.
+
+    Samplers pass one time for the whole batch (a float or a 0-dim tensor); training passes one
+    per sample. Any tensor with ``batch`` elements (e.g. ``[batch, 1, 1, 1]``) is flattened.
+    """
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.numel() == 1:
+        return t.reshape(1).expand(batch)
+    if t.numel() == batch:
+        return t.reshape(batch)
+    raise ValueError(f"t must be a scalar or hold one time per sample (batch {batch}); got shape {tuple(t.shape)}")
+
+
+def check_labels(cond: Optional[torch.Tensor], num_classes: Optional[int], batch: int) -> None:
+    if num_classes is None:
+        if cond is not None:
+            raise ValueError("this backbone was built for unconditional data (num_classes=None) but got cond")
+        return
+    if cond is None:
+        raise ValueError(
+            f"this backbone is class-conditional (num_classes={num_classes}): pass cond, "
+            f"a LongTensor of labels of shape [batch]"
+        )
+    if cond.shape != (batch,) or cond.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"cond must be an integer tensor of shape [{batch}]; got {cond.dtype} of shape {tuple(cond.shape)}"
+        )
+
+
+def scale_last_layer_(layer: nn.Module, scale: float = 1e-5) -> None:
+    """Shrink a freshly initialised layer so that a new output head starts as a tiny perturbation
+    (the DDPM++ ``init_scale`` of its last convolution). The weights stay non-zero so that the
+    gradient still reaches the layers before it."""
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+# ---------------------------------------------------------------------------------------------
+# Time and label embedding
+# ---------------------------------------------------------------------------------------------
+
+
+class PositionalEmbedding(nn.Module):
+    """EDM's sinusoidal embedding: ``[cos(t f_i), sin(t f_i)]`` with ``f_i = max_positions^(-i/(n-1))``.
+
+    It embeds the raw ``t`` in [0, 1] (no x1000 scaling as in DDPM code), so its frequencies run
+    from 1 down to 1e-4: the features are smooth in ``t`` and the MLP after it does the rest.
+    """
+
+    def __init__(self, num_channels: int, max_positions: float = 10000.0):
+        super().__init__()
+        half = num_channels // 2
+        exponents = torch.arange(half, dtype=torch.float32) / max(half - 1, 1)
+        self.register_buffer("frequencies", (1.0 / max_positions) ** exponents, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # Phases in at least float32 even under half precision; float64 models keep float64.
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        phases = t.to(dtype)[:, None] * self.frequencies.to(dtype)[None, :]
+        return torch.cat([phases.cos(), phases.sin()], dim=1).to(t.dtype)
+
+
+class ConditionEmbedding(nn.Module):
+    """``t`` (and a class label) to the vector every block reads.
+
+    As in EDM, the label embedding is added to the positional embedding of ``t`` before the MLP,
+    so the MLP can mix time and class non-linearly. The output has already been through SiLU, so
+    each block only applies its own linear projection.
+    """
+
+    def __init__(self, positional_dim: int, embedding_dim: int, num_classes: Optional[int]):
+        super().__init__()
+        self.num_classes = num_classes
+        self.positional = PositionalEmbedding(positional_dim)
+        self.label = None if num_classes is None else nn.Embedding(num_classes, positional_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(positional_dim, embedding_dim),
+            nn.SiLU(),
+            nn.Linear(embedding_dim, embedding_dim),
+            nn.SiLU(),
+        )
+
+    def forward(self, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        embedding = self.positional(t)
+        if self.label is not None:
+            embedding = embedding + self.label(cond)
+        return self.mlp(embedding)

@@ -13,7 +13,9 @@ from .contracts import (
     Method,
     MethodContext,
     NoOptions,
+    PrepareContext,
     Teacher,
+    TeacherContext,
     VelocityFn,
 )
 from .errors import ConfigError, DistillkitError, TimeGridError, UnknownNameError, UsageError
@@ -21,6 +23,7 @@ from .hookspecs import hookimpl
 from .integrators.tableau import ButcherTableau
 from .plugin_manager import get_registries
 from .integrators import edm_grid, explicit_grid, integrate, uniform_grid, validate_time_grid
+from .trained import TrainedModel, find_checkpoint, load_trained_model
 
 __version__ = "0.1.0"
 
@@ -36,7 +39,12 @@ __all__ = [
     "Method",
     "MethodContext",
     "NoOptions",
+    "PrepareContext",
     "Teacher",
+    "TeacherContext",
+    "TrainedModel",
+    "find_checkpoint",
+    "load_trained_model",
     "TimeGridError",
     "UnknownNameError",
     "UsageError",

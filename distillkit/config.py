@@ -145,6 +145,10 @@ class RunConfig:
     )
     experiment: str = option("distillkit", _non_empty_str, cli="--experiment", help="MLflow experiment name")
     data_root: str = option("", cli="--data-root", help="directory holding dataset files (offline data)")
+    teacher: str = option(
+        "", cli="--teacher",
+        help="for methods that distil a teacher: an MLflow run id, a checkpoint file or a teacher name",
+    )
     train: TrainConfig = attrs.field(factory=TrainConfig)
     sample: SampleConfig = attrs.field(factory=SampleConfig)
     method_options: dict = attrs.field(factory=dict, metadata={"help": "options of the chosen method"})

@@ -40,14 +40,27 @@ class DataSpec:
 
 @attrs.frozen
 class Batch:
-    """One training batch: data in [-1, 1] and, for class-conditional data, integer labels."""
+    """One training batch: data in [-1, 1], integer labels for class-conditional data, and, for
+    methods that train on fixed couplings (reflow pairs), the noise paired with each sample."""
 
     x: torch.Tensor
     cond: Optional[torch.Tensor] = None
+    noise: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        cond = None if self.cond is None else self.cond.to(device)
-        return Batch(self.x.to(device), cond)
+        def move(value):
+            return None if value is None else value.to(device)
+
+        return Batch(self.x.to(device), move(self.cond), move(self.noise))
+
+    @classmethod
+    def from_item(cls, item: Any) -> "Batch":
+        """A collated loader item: a tensor, ``(x, label)``, or a dict with ``x`` (+ ``cond``, ``noise``)."""
+        if isinstance(item, dict):
+            return cls(item["x"], item.get("cond"), item.get("noise"))
+        if isinstance(item, (list, tuple)):
+            return cls(item[0], item[1] if len(item) > 1 else None)
+        return cls(item)
 
 
 @attrs.frozen
@@ -124,11 +137,37 @@ class Dataset(_Named):
         """``n`` real samples (as many as exist, if fewer) to compare generated samples against."""
 
 
+@attrs.frozen
+class TeacherContext:
+    """What a teacher may need to load itself for a given student run."""
+
+    data: DataSpec  # the student's data: a teacher must produce velocities of this shape
+    dataset_name: str
+    dataset_config: Any
+    device: Any = "cpu"
+    runs_dir: str = "distillkit-runs"
+    tracking_uri: str = ""
+
+
 class Teacher(_Named):
     """A reference velocity field: a frozen checkpoint, an EMA copy, or an analytic field."""
 
     #: what identifies this teacher in a student's run (run id, file hash, analytic spec).
     identity: str
+
+    @classmethod
+    def from_spec(cls, spec: str, context: TeacherContext) -> Optional["Teacher"]:
+        """The teacher ``spec`` (what the user passed to ``--teacher``) names, or None if this
+        class does not handle it.
+
+        Default: a teacher answers to its own registered name and is built from the run's dataset
+        options when they are of its ``config_class`` (an analytic field of that data), else from
+        its ``config_class`` defaults.
+        """
+        if spec != cls.name:
+            return None
+        config = context.dataset_config if isinstance(context.dataset_config, cls.config_class) else cls.config_class()
+        return cls(config)  # type: ignore[call-arg]
 
     @abc.abstractmethod
     def velocity(
@@ -138,6 +177,23 @@ class Teacher(_Named):
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.velocity(x, t)
+
+
+@attrs.frozen
+class PrepareContext:
+    """What a method may use before training starts (``Method.prepare``).
+
+    ``output_dir`` is the run's own folder; files a method generates once (reflow pairs,
+    trajectories) go there and are logged with ``log_artifact(path, artifact_folder)`` so later
+    phases and later runs reuse them instead of generating them again.
+    """
+
+    device: Any
+    dataset: "Dataset"
+    output_dir: Any
+    log_artifact: Callable[[Any, Optional[str]], None]
+    seed: int = 0
+    progress: bool = True
 
 
 @attrs.frozen
@@ -154,6 +210,7 @@ class MethodContext:
     integrator_name: str
     total_steps: int
     integrators: Any = None  # the integrator Registry, for methods that look up further tableaus
+    teacher: Optional["Teacher"] = None  # set for methods with ``requires_teacher``
 
 
 class Method(_Named):
@@ -165,6 +222,8 @@ class Method(_Named):
 
     #: True when ``--integrator`` changes what this method trains.
     uses_integrator: ClassVar[bool] = False
+    #: True when the method distils a teacher (``--teacher`` is then required).
+    requires_teacher: ClassVar[bool] = False
 
     def __init__(self, config: Any, context: MethodContext):
         self.config = config
@@ -173,6 +232,25 @@ class Method(_Named):
     def build_student(self, backbone: Backbone) -> nn.Module:
         """The module that is trained, averaged (EMA) and checkpointed. Default: the backbone."""
         return backbone
+
+    def prepare(self, student: nn.Module, context: PrepareContext) -> None:
+        """Called once before the first step (and again on resume): generate data from the
+        teacher, initialise the student from the teacher, build target networks. Default: nothing."""
+
+    def train_set(self, dataset: "Dataset") -> torch.utils.data.Dataset:
+        """What the trainer's loader iterates. Default: the dataset's training set. A method that
+        trains on generated couplings returns items ``{"x": ..., "noise": ...}`` here."""
+        return dataset.train_set()
+
+    def after_step(self, student: nn.Module, step: int) -> None:
+        """Called after every optimizer step (target-network updates). Default: nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state beyond the student (target networks, schedules), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
 
     @abc.abstractmethod
     def loss(self, student: nn.Module, batch: Batch, generator: torch.Generator, step: int) -> LossOutput:

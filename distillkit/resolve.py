@@ -52,6 +52,14 @@ def resolve(config: RunConfig, registries: Registries) -> Resolved:
     backbone_cls = _lookup(registries.backbones, "backbone", backbone_name)
     integrator = _lookup(registries.integrators, "integrator", config.integrator)
     sample_integrator = _lookup(registries.integrators, "sample.integrator", config.sample.integrator)
+    if method_cls.requires_teacher and not config.teacher:
+        names = ", ".join(registries.teachers.names()) or "none installed"
+        raise ConfigError(
+            "teacher", config.teacher,
+            f"method {config.method} distils a teacher: an MLflow run id, a checkpoint file or a teacher name ({names})",
+        )
+    if config.teacher and not method_cls.requires_teacher:
+        raise ConfigError("teacher", config.teacher, f"empty: method {config.method} does not use a teacher")
     _lookup(registries.integrators, "sample.reference_integrator", config.sample.reference_integrator)
     for nfe in config.sample.nfe:
         if nfe % sample_integrator.stages:

@@ -18,6 +18,7 @@ EXPECTED_BUILTINS = {
     "cud": {"methods": {"cud"}},
     "backbones": {"backbones": {"unet", "mlp"}},
     "datasets": {"datasets": {"digits", "toy2d"}, "teachers": {"toy2d-exact"}},
+    "teachers": {"teachers": {"checkpoint"}},
 }
 
 EULER_COPY = ButcherTableau(name="euler", a=((0,),), b=(1,), c=(0,), order=1)

@@ -13,7 +13,9 @@ import tomli_w
 from ..config import default_runs_dir, run_config_from_dict
 from ..errors import UsageError
 from ..plugin_manager import get_registries
+from ..contracts import TeacherContext
 from ..resolve import resolve
+from ..teachers import load_teacher
 from ..tracking import MlflowTracker, NullTracker, resolve_tracking_uri, ui_command
 
 
@@ -25,6 +27,22 @@ def _check_writable(directory: Path) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"runs directory {directory} is not writable ({exc.strerror or exc})") from None
+
+
+def _check_device(name: str):
+    import torch
+
+    from ..errors import ConfigError
+    from ..training.build import pick_device
+
+    device = pick_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "cpu or auto: no CUDA device is visible on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("device", name, f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", name, "cpu or auto: MPS is not available on this machine")
+    return device
 
 
 def _toml_ready(tree):
@@ -44,10 +62,20 @@ def run_command(args: argparse.Namespace, tree: dict) -> int:
         return 0
 
     # Imported here: the trainer pulls in torchdata, tqdm and the evaluation code.
+    from ..training.build import build_dataset
     from ..training.trainer import train
 
+    device = _check_device(config.device)
     runs_dir = default_runs_dir(config)
     _check_writable(runs_dir)
+    dataset = build_dataset(resolved)
+    teacher = None
+    if config.teacher:
+        context = TeacherContext(
+            data=dataset.spec, dataset_name=config.dataset, dataset_config=resolved.dataset_config,
+            device=device, runs_dir=str(runs_dir), tracking_uri=config.tracking_uri,
+        )
+        teacher = load_teacher(config.teacher, get_registries(), context)
     tracking_uri = ""
     if args.no_track:
         tracker = NullTracker()
@@ -57,7 +85,7 @@ def run_command(args: argparse.Namespace, tree: dict) -> int:
     name = tracker.run_id or datetime.datetime.now().strftime("untracked-%Y%m%d-%H%M%S-%f")
     output_dir = runs_dir / "runs" / name
     try:
-        result = train(resolved, tracker, output_dir, progress=not args.quiet)
+        result = train(resolved, tracker, output_dir, dataset=dataset, teacher=teacher, progress=not args.quiet)
     except BaseException:
         tracker.finish("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
         raise

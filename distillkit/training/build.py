@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 import torch
 from torch import nn
 
-from ..contracts import Dataset, DataSpec, Method, MethodContext
+from ..contracts import Dataset, DataSpec, Method, MethodContext, Teacher
 from ..plugin_manager import get_registries
 from ..resolve import Resolved
 
@@ -29,22 +29,35 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_components(resolved: Resolved, device: torch.device, *, seed: int) -> Components:
-    """Data, method and student; the student's initial weights depend only on ``seed``."""
+def build_model(
+    resolved: Resolved, spec: DataSpec, device: torch.device, *, seed: int, teacher: Optional[Teacher] = None
+) -> tuple[Method, nn.Module]:
+    """The method and its student for data of ``spec``; initial weights depend only on ``seed``."""
     config = resolved.config
-    dataset = resolved.dataset_cls(resolved.dataset_config, config.data_root or None)
-    spec = dataset.spec
     context = MethodContext(
         data=spec,
         integrator=resolved.integrator,
         integrator_name=config.integrator,
         total_steps=config.train.max_steps,
         integrators=get_registries().integrators,
+        teacher=teacher,
     )
     method = resolved.method_cls(resolved.method_config, context)
     torch.manual_seed(seed)
     backbone = resolved.backbone_cls.build(resolved.backbone_config, spec)
-    student = method.build_student(backbone).to(device)
+    return method, method.build_student(backbone).to(device)
+
+
+def build_dataset(resolved: Resolved) -> Dataset:
+    return resolved.dataset_cls(resolved.dataset_config, resolved.config.data_root or None)
+
+
+def build_components(
+    resolved: Resolved, device: torch.device, *, seed: int, teacher: Optional[Teacher] = None
+) -> Components:
+    dataset = build_dataset(resolved)
+    spec = dataset.spec
+    method, student = build_model(resolved, spec, device, seed=seed, teacher=teacher)
     return Components(dataset=dataset, spec=spec, method=method, student=student)
 
 

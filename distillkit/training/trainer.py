@@ -17,12 +17,13 @@ from tqdm import tqdm
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 from ..config import flatten
-from ..contracts import Batch
+from ..contracts import Batch, Dataset, PrepareContext, Teacher
 from ..evaluation import Evaluation, evaluate, save_sample_figure
 from ..plugin_manager import get_registries
 from ..resolve import Resolved
 from ..tracking import Tracker
-from .build import Components, build_components, count_parameters, describe, pick_device
+from .build import Components, build_dataset, build_model, count_parameters, describe, pick_device
+from ..trained import CONVENTION
 from .checkpoint import FORMAT, VERSION, save_atomic
 from .ema import make_ema
 
@@ -38,17 +39,11 @@ class RunResult:
     images_per_second: float
 
 
-def _to_batch(item) -> Batch:
-    if isinstance(item, (list, tuple)):
-        return Batch(item[0], item[1])
-    return Batch(item)
-
-
 def _batches(loader: StatefulDataLoader) -> Iterator[Batch]:
     """Endless batches, epoch after epoch (the loader reshuffles every epoch)."""
     while True:
         for item in loader:
-            yield _to_batch(item)
+            yield Batch.from_item(item)
 
 
 def _warmup(warmup_steps: int) -> Callable[[int], float]:
@@ -62,15 +57,23 @@ def train(
     tracker: Tracker,
     output_dir: Path,
     *,
+    dataset: Optional[Dataset] = None,
+    teacher: Optional[Teacher] = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> RunResult:
     config = resolved.config
     train_cfg = config.train
     device = pick_device(config.device)
-    parts: Components = build_components(resolved, device, seed=config.seed)
-    method, student = parts.method, parts.student
-    data = parts.dataset.train_set()
+    dataset = dataset if dataset is not None else build_dataset(resolved)
+    method, student = build_model(resolved, dataset.spec, device, seed=config.seed, teacher=teacher)
+    parts = Components(dataset=dataset, spec=dataset.spec, method=method, student=student)
+    method.prepare(
+        student,
+        PrepareContext(device=device, dataset=dataset, output_dir=output_dir, log_artifact=tracker.log_artifact,
+                       seed=config.seed, progress=progress),
+    )
+    data = method.train_set(dataset)
     loader = StatefulDataLoader(
         data,
         batch_size=train_cfg.batch_size,
@@ -85,7 +88,10 @@ def train(
 
     evals = method.network_evals_per_step()
     tracker.log_params(flatten(resolved.to_dict()))
-    tracker.set_tags(describe(resolved, parts))
+    tags = describe(resolved, parts)
+    if teacher is not None:
+        tags["distillkit.teacher"] = teacher.identity
+    tracker.set_tags(tags)
     tracker.log_metrics(
         {
             "cost/network_evals_with_grad": evals["with_grad"],
@@ -115,6 +121,7 @@ def train(
         optimizer.step()
         scheduler.step()
         ema.update_parameters(student)
+        method.after_step(student, step)
 
         final_loss = float(output.loss.detach())
         window_loss += final_loss
@@ -140,12 +147,15 @@ def train(
             "format": FORMAT,
             "version": VERSION,
             "config": resolved.to_dict(),
+            "convention": CONVENTION,
+            "data_spec": {"shape": list(parts.spec.shape), "num_classes": parts.spec.num_classes},
             "step": train_cfg.max_steps,
             "images_seen": train_cfg.max_steps * train_cfg.batch_size,
             "student": student.state_dict(),
             "ema": ema.module.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "method": method.state_dict(),
         },
         output_dir / "checkpoint.pt",
     )

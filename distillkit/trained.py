@@ -1,0 +1,103 @@
+"""Trained models as objects: find a run's checkpoint, rebuild its network, get its velocity.
+
+Used by teachers (a run or checkpoint file distilled by another method) and by sampling and
+evaluation. The checkpoint carries the resolved config and the data shape, so nothing but the
+installed plugins is needed to rebuild the model (not the dataset files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import attrs
+import torch
+from torch import nn
+
+from .config import run_config_from_dict
+from .contracts import DataSpec, Method, VelocityFn
+from .errors import UsageError
+from .plugin_manager import get_registries
+from .resolve import Resolved, resolve
+from .training.build import build_model
+from .training.checkpoint import load_checkpoint
+
+CONVENTION = "t0=data,t1=noise,x_t=(1-t)x+t*eps,v=eps-x"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@attrs.frozen
+class TrainedModel:
+    resolved: Resolved
+    method: Method
+    model: nn.Module  # in eval mode, the weights asked for (EMA or online)
+    spec: DataSpec
+    checkpoint: Path
+    sha256: str
+    step: int
+
+    def velocity_fn(self, cond: Optional[torch.Tensor] = None) -> VelocityFn:
+        return self.method.velocity_fn(self.model, cond)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_trained_model(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild the network of a distillkit checkpoint (``weights`` = ``ema`` or ``online``)."""
+    if weights not in ("ema", "online"):
+        raise UsageError(f"weights={weights!r} is not allowed: ema or online")
+    path = Path(path)
+    payload = load_checkpoint(path, map_location=device)
+    if payload.get("convention", CONVENTION) != CONVENTION:
+        raise UsageError(f"{path} uses the time convention {payload['convention']!r}, not {CONVENTION!r}")
+    resolved = resolve(run_config_from_dict(payload["config"]), get_registries())
+    data = payload["data_spec"]
+    spec = DataSpec(tuple(data["shape"]), data.get("num_classes"))
+    method, model = build_model(resolved, spec, torch.device(device), seed=0)
+    try:
+        model.load_state_dict(payload["ema" if weights == "ema" else "student"])
+    except RuntimeError as exc:
+        raise UsageError(f"{path}: weights do not fit the network its config describes ({str(exc).splitlines()[0]})") from None
+    model.eval().requires_grad_(False)
+    return TrainedModel(resolved, method, model, spec, path, file_sha256(path), int(payload["step"]))
+
+
+def find_checkpoint(reference: str, *, runs_dir: str | Path, tracking_uri: str = "") -> Optional[tuple[Path, str]]:
+    """(checkpoint path, identity) for a checkpoint file or an MLflow run id; None when
+    ``reference`` is neither an existing file nor shaped like a run id.
+
+    A run's checkpoint is read from ``<runs_dir>/runs/<run_id>/checkpoint.pt`` when it is there,
+    else downloaded from the run's artifacts.
+    """
+    candidate = Path(reference).expanduser()
+    if candidate.is_file():
+        return candidate.resolve(), f"file:{candidate.resolve()}"
+    if not _RUN_ID.match(reference):
+        return None
+    local = Path(runs_dir).expanduser().resolve() / "runs" / reference / "checkpoint.pt"
+    if local.is_file():
+        return local, f"run:{reference}"
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, Path(runs_dir).expanduser().resolve())
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.get_run(reference)
+        target = Path(tempfile.mkdtemp(prefix="distillkit-teacher-"))
+        downloaded = client.download_artifacts(reference, "checkpoints/checkpoint.pt", str(target))
+    except MlflowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"run {reference} cannot be read from {uri}: {first}") from None
+    return Path(downloaded), f"run:{reference}"

@@ -52,6 +52,23 @@ def _positive_ints(instance, attribute, value) -> None:
         raise ConfigError(attribute.name, ",".join(map(str, value)), "one or more positive integers, comma-separated")
 
 
+def _decays(instance, attribute, value) -> None:
+    if not value or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0 for v in value):
+        raise ConfigError(attribute.name, ",".join(map(str, value)), "one or more numbers in [0, 1), comma-separated")
+
+
+def _float_tuple(value) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),)
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            return tuple(float(p) for p in parts)
+        except ValueError:
+            return tuple(parts)
+    return tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
+
+
 def _non_empty_str(instance, attribute, value) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(attribute.name, value, "a non-empty string")
@@ -104,9 +121,27 @@ class TrainConfig:
     batch_size: int = option(128, _positive_int, cli="--batch-size", help="samples per optimizer step")
     lr: float = option(2e-3, _positive_float, cli="--lr", help="Adam learning rate")
     warmup_steps: int = option(100, _non_negative_int, help="linear learning-rate warm-up steps")
-    ema_decay: float = option(0.999, _unit_interval_open_right, help="EMA decay per step (0 = no averaging)")
+    ema_decay: tuple = option(
+        (0.999,), _decays, converter=_float_tuple,
+        help="EMA decay(s) per step, comma-separated; the first is evaluated by default",
+    )
+    ema_halflife_images: float = option(
+        0.0, _non_negative_float, help="add an EDM-style EMA with this half-life in training images (0 = none)"
+    )
+    ema_rampup_ratio: float = option(0.05, _non_negative_float, help="EDM EMA ramp-up: half-life <= ratio x images seen")
     grad_clip: float = option(1.0, _non_negative_float, help="max gradient norm (0 = no clipping)")
+    grad_accumulation: int = option(1, _positive_int, help="micro-batches per optimizer step (batch_size is split)")
+    precision: str = option("fp32", _one_of("fp32", "tf32", "bf16", "fp16"), cli="--precision",
+                            help="fp32, tf32 (CUDA matmuls), bf16 autocast or fp16 autocast with loss scaling")
+    channels_last: bool = option(False, help="channels-last memory format for image models")
+    compile: bool = option(False, help="torch.compile the student")
     log_every: int = option(25, _positive_int, help="steps between logged training metrics")
+    checkpoint_every: int = option(0, _non_negative_int, cli="--checkpoint-every",
+                                   help="steps between checkpoints (0 = only at the end)")
+    keep_last: int = option(2, _positive_int, help="periodic checkpoints kept on disk (the newest)")
+    keep_every: int = option(0, _non_negative_int, help="also keep (and log to MLflow) every checkpoint at a multiple of this step")
+    sample_every: int = option(0, _non_negative_int, help="steps between sample grids from fixed noise (0 = none)")
+    sample_nfe: tuple = option((1, 4), _positive_ints, converter=_int_tuple, help="NFEs of the grids drawn during training")
 
 
 @attrs.frozen

@@ -61,13 +61,15 @@ def resolve(config: RunConfig, registries: Registries) -> Resolved:
     if config.teacher and not method_cls.requires_teacher:
         raise ConfigError("teacher", config.teacher, f"empty: method {config.method} does not use a teacher")
     _lookup(registries.integrators, "sample.reference_integrator", config.sample.reference_integrator)
-    for nfe in config.sample.nfe:
-        if nfe % sample_integrator.stages:
-            raise ConfigError(
-                "sample.nfe", nfe,
-                f"{config.sample.integrator} spends {sample_integrator.stages} evaluations per step; "
-                f"choose multiples of {sample_integrator.stages}",
-            )
+    grids_during_training = config.train.sample_nfe if config.train.sample_every else ()
+    for option, nfes in (("sample.nfe", config.sample.nfe), ("train.sample_nfe", grids_during_training)):
+        for nfe in nfes:
+            if nfe % sample_integrator.stages:
+                raise ConfigError(
+                    option, nfe,
+                    f"{config.sample.integrator} spends {sample_integrator.stages} evaluations per step; "
+                    f"choose multiples of {sample_integrator.stages}",
+                )
     return Resolved(
         config=config,
         method_cls=method_cls,

@@ -24,6 +24,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_image(self, path: str | Path, key: str, step: int) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -35,6 +36,7 @@ class NullTracker:
         self.params: dict[str, Any] = {}
         self.metrics: dict[str, list[tuple[int, float]]] = {}
         self.artifacts: list[tuple[str, Optional[str]]] = []
+        self.images: list[tuple[str, str, int]] = []
         self.tags: dict[str, str] = {}
         self.status: Optional[str] = None
 
@@ -50,6 +52,9 @@ class NullTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
+
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        self.images.append((str(path), key, step))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.status = status
@@ -85,7 +90,9 @@ class MlflowTracker:
         artifact_root: Path,
         run_name: Optional[str] = None,
         tags: Optional[dict[str, str]] = None,
+        run_id: Optional[str] = None,
     ) -> None:
+        """Start a new run, or re-attach to ``run_id`` (resume: its params are not logged again)."""
         try:
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
@@ -94,14 +101,19 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         try:
             self._client = MlflowClient(tracking_uri=tracking_uri)
-            found = self._client.get_experiment_by_name(experiment)
-            if found is None:
-                experiment_id = self._client.create_experiment(
-                    experiment, artifact_location=artifact_root.resolve().as_uri()
-                )
+            if run_id is not None:
+                run = self._client.get_run(run_id)
+                experiment_id = run.info.experiment_id
+                self._client.update_run(run_id, status="RUNNING")
             else:
-                experiment_id = found.experiment_id
-            run = self._client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+                found = self._client.get_experiment_by_name(experiment)
+                if found is None:
+                    experiment_id = self._client.create_experiment(
+                        experiment, artifact_location=artifact_root.resolve().as_uri()
+                    )
+                else:
+                    experiment_id = found.experiment_id
+                run = self._client.create_run(experiment_id, run_name=run_name, tags=tags or {})
         except MlflowException as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"cannot use MLflow tracking store {tracking_uri}: {first_line}") from None
@@ -129,6 +141,13 @@ class MlflowTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self._client.set_tag(self.run_id, key, str(value))
+
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        """An image with a step, so the MLflow UI shows its history with a slider."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self._client.log_image(self.run_id, image.copy(), key=key, step=step)
 
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)

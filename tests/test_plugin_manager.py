@@ -39,7 +39,8 @@ def test_builtins_register_through_entry_points_with_distribution():
         info = state.plugins[name]
         assert info.distribution == "distillkit" and info.version == distillkit.__version__
         assert info.errors == []
-        assert {kind: set(names) for kind, names in info.registered.items()} == expected
+        for kind, names in expected.items():  # at least these (other engineers' plugins add more)
+            assert names <= set(info.registered[kind]), (name, kind)
     assert state.registries.integrators.entry("rk2").provider == "integrators"
     assert state.registries.methods.entry("cud").provider == "cud"
 
@@ -126,5 +127,6 @@ def test_plugins_command_json_lists_everything(capsys):
     assert main(["plugins", "--json"]) == 0
     listing = {p["name"]: p for p in json.loads(capsys.readouterr().out)["plugins"]}
     for name, expected in EXPECTED_BUILTINS.items():
-        assert {k: set(v) for k, v in listing[name]["registered"].items()} == expected
+        for kind, names in expected.items():
+            assert names <= set(listing[name]["registered"][kind])
         assert listing[name]["distribution"] == "distillkit"

@@ -39,6 +39,8 @@ def _add_run_parser(subparsers) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="set any option by its dotted key, e.g. train.lr=1e-3 or method_options.tn=16")
     run.add_argument("--dry-run", action="store_true", help="print the resolved configuration as TOML and exit")
+    run.add_argument("--resume", metavar="RUN", help="continue a run exactly: its MLflow run id, its folder name "
+                     "under RUNS_DIR/runs, a checkpoint file, or auto (the latest unfinished run of this config)")
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow (files still go to --runs-dir)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 

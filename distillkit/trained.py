@@ -52,11 +52,23 @@ def file_sha256(path: Path) -> str:
 
 
 def load_trained_model(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuild the network of a distillkit checkpoint (``weights`` = ``ema`` or ``online``)."""
-    if weights not in ("ema", "online"):
-        raise UsageError(f"weights={weights!r} is not allowed: ema or online")
+    """Rebuild the network of a distillkit checkpoint.
+
+    ``weights``: ``ema`` (the run's default EMA), ``online`` (the raw student), or the name of one
+    of the run's EMAs (``ema_0.9999``, ``ema_hl500000``).
+    """
     path = Path(path)
     payload = load_checkpoint(path, map_location=device)
+    named = payload.get("emas", {})
+    if weights == "ema":
+        state = payload["ema"]
+    elif weights == "online":
+        state = payload["student"]
+    elif weights in named:
+        state = named[weights]
+    else:
+        allowed = ", ".join(["ema", "online", *named])
+        raise UsageError(f"weights={weights!r} is not allowed: {allowed}")
     if payload.get("convention", CONVENTION) != CONVENTION:
         raise UsageError(f"{path} uses the time convention {payload['convention']!r}, not {CONVENTION!r}")
     resolved = resolve(run_config_from_dict(payload["config"]), get_registries())
@@ -64,7 +76,7 @@ def load_trained_model(path: str | Path, *, weights: str = "ema", device: str | 
     spec = DataSpec(tuple(data["shape"]), data.get("num_classes"))
     method, model = build_model(resolved, spec, torch.device(device), seed=0)
     try:
-        model.load_state_dict(payload["ema" if weights == "ema" else "student"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise UsageError(f"{path}: weights do not fit the network its config describes ({str(exc).splitlines()[0]})") from None
     model.eval().requires_grad_(False)

@@ -158,7 +158,9 @@ def _train(args, resolved: Resolved, resume_payload, resume_path) -> int:
             tracker.run_id = previous_run
         else:
             tracking_uri = resolve_tracking_uri(config.tracking_uri, runs_dir)
-            tracker = MlflowTracker(tracking_uri, config.experiment, runs_dir / "artifacts", run_id=previous_run)
+            variant = f"-{config.integrator}" if resolved.method_cls.uses_integrator else ""
+            tracker = MlflowTracker(tracking_uri, config.experiment, runs_dir / "artifacts",
+                                    run_name=f"{config.method}{variant}-{config.dataset}", run_id=previous_run)
         if resume_path is not None:
             output_dir = resume_path.parent
         else:

@@ -131,6 +131,8 @@ class TrainConfig:
     ema_rampup_ratio: float = option(0.05, _non_negative_float, help="EDM EMA ramp-up: half-life <= ratio x images seen")
     grad_clip: float = option(1.0, _non_negative_float, help="max gradient norm (0 = no clipping)")
     grad_accumulation: int = option(1, _positive_int, help="micro-batches per optimizer step (batch_size is split)")
+    nonfinite: str = option("stop", _one_of("stop", "skip"),
+                            help="a NaN/inf loss or gradient: stop the run (keeping the last good checkpoint) or skip the step")
     precision: str = option("fp32", _one_of("fp32", "tf32", "bf16", "fp16"), cli="--precision",
                             help="fp32, tf32 (CUDA matmuls), bf16 autocast or fp16 autocast with loss scaling")
     channels_last: bool = option(False, help="channels-last memory format for image models")

@@ -40,5 +40,9 @@ class RegistrationError(DistillkitError):
     """A plugin registered something the registry refuses (duplicate name, broken contract)."""
 
 
+class TrainingFailed(DistillkitError):
+    """Training cannot go on (a non-finite loss or gradient); the message names the step."""
+
+
 class TimeGridError(UsageError):
     """A time grid that is not strictly monotone, not finite, or outside [0, 1]."""

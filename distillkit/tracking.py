@@ -6,6 +6,7 @@ MLflow is imported only when a tracked run starts: it is slow to import and the 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -69,6 +70,24 @@ def resolve_tracking_uri(explicit: str, runs_dir: Path) -> str:
     return f"sqlite:///{runs_dir / 'mlflow.db'}"
 
 
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, before any work, when a tracking server does not answer (MLflow's own
+    client would retry with back-off for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered: a server that has no /health page is still reachable
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UsageError(f"tracking server {tracking_uri} is unreachable ({reason})") from None
+
+
 def ui_command(tracking_uri: str) -> str:
     """The command that shows runs of this store in the MLflow UI."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -99,6 +118,10 @@ class MlflowTracker:
         except ImportError as exc:  # pragma: no cover - mlflow is a dependency
             raise UsageError(f"MLflow is not installed: {exc}") from None
         self.tracking_uri = tracking_uri
+        check_reachable(tracking_uri)
+        # Creating a new store logs its schema migrations at INFO: noise in a user's terminal.
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         try:
             self._client = MlflowClient(tracking_uri=tracking_uri)
             if run_id is not None:

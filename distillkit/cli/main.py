@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import attrs
 
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, DistillkitError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"distillkit: error: {exc}", file=sys.stderr)
         return 2
+    except DistillkitError as exc:  # the run itself failed (not the input): exit code 1
+        print(f"distillkit: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("distillkit: interrupted", file=sys.stderr)
         return 130

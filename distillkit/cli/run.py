@@ -73,12 +73,13 @@ def _find_resume(reference: str, runs_dir: Path, identity: str) -> Optional[Path
     """The checkpoint to resume: a file, a run id / run folder name, or ``auto``."""
     if reference == "auto":
         from ..training.checkpoint import load_checkpoint
+        from ..training.trainer import FINISHED_MARKER
 
         candidates = sorted((runs_dir / "runs").glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
         for path in candidates:
-            payload = load_checkpoint(path)
-            tree = payload["config"]
-            if config_identity(tree) == identity and payload["step"] < tree["train"]["max_steps"]:
+            if (path.parent / FINISHED_MARKER).exists():
+                continue
+            if config_identity(load_checkpoint(path)["config"]) == identity:
                 return path
         return None
     path = Path(reference).expanduser()
@@ -137,6 +138,10 @@ def _train(args, resolved: Resolved, resume_payload, resume_path) -> int:
 
     config = resolved.config
     _check_device(config.device)
+    if not args.no_track:  # an unreachable server is found before anything is written
+        from ..tracking import check_reachable
+
+        check_reachable(resolve_tracking_uri(config.tracking_uri, default_runs_dir(config)))
     distributed, device = dist_setup.setup(config.device)
     try:
         runs_dir = default_runs_dir(config)

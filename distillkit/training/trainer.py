@@ -9,6 +9,8 @@ where the interrupted one was.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import resource
 import sys
 import time
@@ -24,7 +26,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from ..config import flatten
 from ..contracts import Batch, Dataset, PrepareContext, Teacher
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingFailed
 from ..evaluation import Evaluation, evaluate, save_sample_figure
 from ..plugin_manager import get_registries
 from ..resolve import Resolved
@@ -41,6 +43,7 @@ from .state import EpochBatches, capture_rng, link_latest, prune, restore_rng, s
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 _GRID_IMAGES = 16
+FINISHED_MARKER = "finished.json"
 
 
 @attrs.frozen
@@ -195,6 +198,9 @@ def train(
 
     start_step = 0
     if resume is not None:
+        # Leftovers of writes a crash interrupted: the files they would have replaced are intact.
+        for leftover in [*(output_dir / "checkpoints").glob(".*.tmp"), *output_dir.glob(".checkpoint.pt.*")]:
+            leftover.unlink(missing_ok=True)
         student.load_state_dict(resume["student"])
         for name, ema in emas.items():
             ema.load_state_dict(resume["ema_state"][name])
@@ -245,7 +251,7 @@ def train(
                 "default_ema": default_ema,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "method": method.state_dict(),
-                "rng": rng_states, "data": data_states,
+                "rng": rng_states, "data": data_states, "skipped_steps": skipped,
             }
             history = output_dir / "checkpoints"
             written = save_atomic(payload, step_file(history, step))
@@ -270,8 +276,10 @@ def train(
     model.train()
     bar = _Progress(cfg.max_steps, start_step, progress and distributed.is_main, cfg.log_every)
     window: dict[str, float] = {}
+    window_counts: dict[str, int] = {}
     window_steps, window_start = 0, time.perf_counter()
     images_per_second, final_loss = 0.0, float("nan")
+    skipped = int(resume.get("skipped_steps", 0)) if resume is not None else 0
     checkpoint = output_dir / "checkpoint.pt"
     for step in range(start_step, cfg.max_steps):
         batch = next(batches).to(device)
@@ -291,30 +299,47 @@ def train(
             for key, value in {"loss": float(output.loss.detach()), **output.metrics}.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / cfg.grad_accumulation
         scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        for ema in emas.values():
-            ema.update_parameters(student)
-        method.after_step(student, step)
-
+        # One pass over the gradients gives the norm (logged), the clipping, and the fault check.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        step_metrics["grad_norm"] = grad_norm
+        # Under fp16 an overflowing gradient is the loss scaler's business (it skips the step).
+        finite = math.isfinite(step_metrics["loss"]) and (cfg.precision == "fp16" or math.isfinite(grad_norm))
         done = step + 1
-        final_loss = step_metrics["loss"]
+        if not finite and cfg.nonfinite == "stop":
+            raise TrainingFailed(
+                f"non-finite {'loss' if not math.isfinite(step_metrics['loss']) else 'gradient'} at step {done} "
+                f"(loss {step_metrics['loss']}, gradient norm {grad_norm}); the last good checkpoint is "
+                + (str(output_dir / "checkpoint.pt") if (output_dir / "checkpoint.pt").exists() else "none (no checkpoint was written yet)")
+                + "; set train.nonfinite=skip to skip such steps"
+            )
+        if finite:
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for ema in emas.values():
+                ema.update_parameters(student)
+            method.after_step(student, step)
+        else:
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            step_metrics = {}  # a skipped step contributes nothing to the logged averages
+        final_loss = step_metrics.get("loss", final_loss)
         for key, value in step_metrics.items():
             window[key] = window.get(key, 0.0) + value
+            window_counts[key] = window_counts.get(key, 0) + 1
         window_steps += 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
             images_per_second = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-            averaged = distributed.mean({k: v / window_steps for k, v in window.items()}, device)
+            averaged = distributed.mean({k: v / window_counts[k] for k, v in window.items()}, device)
             metrics = {f"train/{k}": v for k, v in averaged.items()}
             metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/images_per_second": images_per_second,
+                            "train/skipped_steps": skipped,
                             "train/images_seen": done * cfg.batch_size,
                             "system/peak_memory_mb": _peak_memory_mb(device)})
             tracker.log_metrics(metrics, step=done)
-            window, window_steps, window_start = {}, 0, time.perf_counter()
+            window, window_counts, window_steps, window_start = {}, {}, 0, time.perf_counter()
         bar.update(done, final_loss, images_per_second)
         if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
             sample_grid(done)
@@ -336,4 +361,6 @@ def train(
     tracker.log_metrics(evaluation.metrics(), step=cfg.max_steps)
     figure = save_sample_figure(evaluation.samples, dataset.spec, output_dir / "samples.png")
     tracker.log_artifact(figure, "samples")
+    # Written last: a run without it (killed during the evaluation, say) is resumed by --resume auto.
+    (output_dir / FINISHED_MARKER).write_text(json.dumps(evaluation.metrics(), indent=2))
     return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step)

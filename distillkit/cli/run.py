@@ -145,8 +145,7 @@ def _train(args, resolved: Resolved, resume_payload, resume_path) -> int:
     distributed, device = dist_setup.setup(config.device)
     try:
         runs_dir = default_runs_dir(config)
-        if distributed.is_main:
-            _check_writable(runs_dir)
+        # Data and teacher first: a missing file must stop the run before anything is created.
         dataset = build_dataset(resolved)
         teacher = None
         if config.teacher:
@@ -155,6 +154,8 @@ def _train(args, resolved: Resolved, resume_payload, resume_path) -> int:
                 device=device, runs_dir=str(runs_dir), tracking_uri=config.tracking_uri,
             )
             teacher = load_teacher(config.teacher, get_registries(), context)
+        if distributed.is_main:
+            _check_writable(runs_dir)
 
         tracking_uri = ""
         previous_run = resume_payload.get("run_id") if resume_payload else None

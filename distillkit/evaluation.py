@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import attrs
 import torch
@@ -58,19 +59,31 @@ def evaluate(
     integrator: ButcherTableau,
     reference_integrator: ButcherTableau,
     device: torch.device,
+    *,
+    velocity_for: Optional[Callable[[Optional[torch.Tensor]], VelocityFn]] = None,
 ) -> Evaluation:
-    noise = prior_noise(config.num_samples, spec.shape, config.seed, device=device)
-    reference = sample_ode(
-        velocity_fn, noise, uniform_grid(config.reference_steps), reference_integrator, batch_size=_EVAL_BATCH
-    ).cpu()
+    """``velocity_for(cond)`` (``lambda cond: method.velocity_fn(model, cond)``), when given, is
+    used instead of ``velocity_fn``: class-conditional models (``spec.num_classes``) then get the
+    per-sample labels of ``class_labels(n, num_classes, seed)``, as ``distillkit eval`` gives them."""
+    if velocity_for is not None:
+        labels = class_labels(config.num_samples, spec.num_classes, config.seed) if spec.num_classes else None
+
+        def solve(time_grid: torch.Tensor, tableau: ButcherTableau) -> torch.Tensor:
+            return sample_seeded(velocity_for, spec, config.num_samples, config.seed, time_grid, tableau,
+                                 device=device, labels=labels)
+    else:
+        noise = prior_noise(config.num_samples, spec.shape, config.seed, device=device)
+
+        def solve(time_grid: torch.Tensor, tableau: ButcherTableau) -> torch.Tensor:
+            return sample_ode(velocity_fn, noise, time_grid, tableau, batch_size=_EVAL_BATCH).cpu()
+
+    reference = solve(uniform_grid(config.reference_steps), reference_integrator)
     real = dataset.reference_samples(config.num_samples, torch.Generator().manual_seed(config.seed))
     rows, samples = [], {}
     for nfe in config.nfe:
         steps = steps_for_nfe(integrator, nfe)
         started = time.perf_counter()
-        generated = sample_ode(
-            velocity_fn, noise, sampling_grid(config.grid, steps), integrator, batch_size=_EVAL_BATCH
-        ).cpu()
+        generated = solve(sampling_grid(config.grid, steps), integrator)
         seconds = time.perf_counter() - started
         name, value = distribution_metric(generated, real, is_image=spec.is_image)
         rows.append(NfeResult(nfe, steps, name, value, ode_error(generated, reference), seconds))
@@ -105,4 +118,84 @@ def save_sample_figure(samples: dict[int, torch.Tensor], spec: DataSpec, path: P
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by ``distillkit sample``, ``distillkit eval`` and ``distillkit compare``
+
+#: Added to a sample's seed for its class label, so the label stream is not the noise stream.
+_LABEL_SEED_OFFSET = 0x5DEECE66D
+
+
+def cache_dir() -> Path:
+    """Where distillkit keeps what it computes once (FID statistics, classifiers):
+    ``$DISTILLKIT_CACHE``, else ``~/.cache/distillkit``."""
+    import os
+
+    return Path(os.environ.get("DISTILLKIT_CACHE") or "~/.cache/distillkit").expanduser()
+
+
+def class_labels(n: int, num_classes: int, seed: int, *, start: int = 0) -> torch.Tensor:
+    """Labels of samples ``start .. start + n - 1``, uniform over ``num_classes``; label i drawn
+    from its own generator seeded from ``seed + i``, so it does not depend on the batch size."""
+    generator = torch.Generator()
+    out = torch.empty(n, dtype=torch.int64)
+    for j in range(n):
+        generator.manual_seed((seed + start + j + _LABEL_SEED_OFFSET) % (2**63 - 1))
+        out[j] = torch.randint(num_classes, (1,), generator=generator)
+    return out
+
+
+@torch.no_grad()
+def sample_seeded(
+    velocity_for: Callable[[Optional[torch.Tensor]], VelocityFn],
+    spec: DataSpec,
+    n: int,
+    seed: int,
+    time_grid: torch.Tensor,
+    integrator: ButcherTableau | str,
+    *,
+    batch_size: int = _EVAL_BATCH,
+    device: torch.device | str = "cpu",
+    labels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``n`` samples (on the CPU): sample i starts from ``prior_noise`` with seed ``seed + i``
+    (drawn batch by batch, so memory stays at one batch of noise) and, for class-conditional
+    models, is generated with label ``labels[i]``. ``velocity_for(cond)`` returns the velocity
+    field for a batch's labels (``method.velocity_fn(model, cond)``)."""
+    from .integrators.stepper import integrate
+
+    parts = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        noise = prior_noise(count, spec.shape, seed + start, device=device)
+        cond = None if labels is None else labels[start : start + count].to(device)
+        parts.append(integrate(velocity_for(cond), noise, time_grid, integrator).cpu())
+    return torch.cat(parts) if parts else torch.empty(0, *spec.shape)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] to uint8 0..255, rounded as an 8-bit PNG of them stores them."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Create ``path`` through ``write(tmp)`` on a temporary file in the same folder, then rename:
+    a crash or an error leaves no half-written file. The file gets the usual umask permissions."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path

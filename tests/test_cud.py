@@ -102,6 +102,8 @@ class FieldStudent(nn.Module):
             self.no_grad += 1
 
     def forward(self, x, t, cond=None, head=0):
+        if head == "all":  # every head from one pass, as MultiHeadStudent
+            return self.all_heads(x, t, cond)
         self._count()
         return field(x, t) * (1 + self.scale[head])
 

@@ -122,12 +122,22 @@ def test_random_sigkills_then_resume_auto_end_with_the_uninterrupted_weights(tmp
     assert whole.returncode == 0, whole.stderr
     killed_runs = tmp_path / "killed"
     chooser = random.Random(1234)
-    kills, finished, budget = 0, False, time.time() + 180
+
+    def newest_step() -> int:
+        steps = [int(p.stem[5:]) for p in killed_runs.glob("runs/*/checkpoints/step-*.pt")]
+        return max(steps, default=0)
+
+    kills, finished, budget = 0, False, time.time() + 240
     while not finished and time.time() < budget:
+        before = newest_step()
         proc = subprocess.Popen([str(BIN / "distillkit"), *args, "--runs-dir", str(killed_runs), "--resume", "auto"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Kill at a random moment after the process has made some progress (start-up time varies
+        # with the machine's load); checkpoints are written every step, so many kills land mid-write.
+        while proc.poll() is None and newest_step() <= before and time.time() < budget:
+            time.sleep(0.02)
         try:
-            proc.wait(timeout=chooser.uniform(3.0, 6.0))
+            proc.wait(timeout=chooser.uniform(0.0, 1.5))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(subparsers)
     plugins = subparsers.add_parser("plugins", help="list installed plugins and what each registered")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    from . import compare, evaluate, fid_stats, sample
+
+    sample.add_parser(subparsers)
+    evaluate.add_parser(subparsers)
+    compare.add_parser(subparsers)
+    fid_stats.add_parser(subparsers)
     return parser
 
 
@@ -121,6 +127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "plugins":
             return cmd_plugins(args)
+        if args.command in ("sample", "eval", "compare", "fid-stats"):
+            from . import compare, evaluate, fid_stats, sample
+
+            commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats}
+            return commands[args.command].command(args)
         return cmd_run(args)
     except ConfigError as exc:
         print(f"distillkit: error: {_with_flag(exc)}", file=sys.stderr)

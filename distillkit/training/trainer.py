@@ -27,7 +27,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from ..config import flatten
 from ..contracts import Batch, Dataset, PrepareContext, Teacher
 from ..errors import ConfigError, TrainingFailed
-from ..evaluation import Evaluation, evaluate, save_sample_figure
+from ..evaluation import Evaluation, class_labels, evaluate, save_sample_figure
 from ..plugin_manager import get_registries
 from ..resolve import Resolved
 from ..sampling import prior_noise, sample_ode, sampling_grid, steps_for_nfe
@@ -231,6 +231,8 @@ def train(
             + (f"; resuming at step {start_step}" if start_step else ""))
 
     fixed_noise = prior_noise(_GRID_IMAGES, dataset.spec.shape, config.sample.seed, device=device)
+    fixed_labels = (class_labels(_GRID_IMAGES, dataset.spec.num_classes, config.sample.seed).to(device)
+                    if dataset.spec.num_classes else None)
 
     def save_checkpoint(step: int) -> Path:
         """Rank 0 writes; every rank contributes its RNG and data position."""
@@ -269,7 +271,8 @@ def train(
         rows = []
         for nfe in cfg.sample_nfe:
             grid = sampling_grid(config.sample.grid, steps_for_nfe(resolved.sample_integrator, nfe))
-            rows.append(sample_ode(method.velocity_fn(ema_model), fixed_noise, grid, resolved.sample_integrator).cpu())
+            rows.append(sample_ode(method.velocity_fn(ema_model, fixed_labels), fixed_noise, grid,
+                                   resolved.sample_integrator).cpu())
         path = save_sample_figure(dict(zip(cfg.sample_nfe, rows)), dataset.spec, output_dir / "grids" / f"step-{step:08d}.png")
         tracker.log_image(path, key="samples/train", step=step)
 
@@ -357,6 +360,7 @@ def train(
     evaluation = evaluate(
         method.velocity_fn(ema_model), dataset, dataset.spec, config.sample, resolved.sample_integrator,
         registries.integrators.get(config.sample.reference_integrator), device,
+        velocity_for=lambda cond: method.velocity_fn(ema_model, cond),
     )
     tracker.log_metrics(evaluation.metrics(), step=cfg.max_steps)
     figure = save_sample_figure(evaluation.samples, dataset.spec, output_dir / "samples.png")

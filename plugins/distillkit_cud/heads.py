@@ -1,4 +1,6 @@
-"""A backbone with extra output heads that share its trunk (CUD's look-ahead heads)."""
+"""A backbone with extra output heads that share its trunk (CUD's look-ahead heads), and the
+optional coupling encoder, in one module so that the trainer's optimizer, EMA and checkpoint
+cover all of it."""
 
 from __future__ import annotations
 
@@ -14,19 +16,25 @@ class MultiHeadStudent(nn.Module):
     """Head 0 is the backbone's own output; heads 1.. read the same decoder features.
 
     ``forward(x, t, cond, head=k)`` returns one head's output (head 0 by default), so the module
-    can stand wherever a single-output velocity network is expected.
+    can stand wherever a single-output velocity network is expected; ``head="all"`` returns every
+    head from one trunk pass (through ``forward``, so that a DDP or compiled wrapper sees the
+    pass with gradient). ``encoder`` (CUD's coupling encoder, §2.2) is trained with the student
+    but never used for sampling.
     """
 
-    def __init__(self, backbone: Backbone, extra_heads: int):
+    def __init__(self, backbone: Backbone, extra_heads: int, encoder: Optional[nn.Module] = None):
         super().__init__()
         self.backbone = backbone
         self.extra_heads = nn.ModuleList(backbone.make_output_head() for _ in range(extra_heads))
+        self.encoder = encoder
 
     @property
     def num_heads(self) -> int:
         return 1 + len(self.extra_heads)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None, head: int = 0):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None, head: int | str = 0):
+        if head == "all":
+            return self.all_heads(x, t, cond)
         if head == 0:
             return self.backbone(x, t, cond)
         _, features = self.backbone(x, t, cond, return_features=True)

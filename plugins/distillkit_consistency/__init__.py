@@ -1,0 +1,43 @@
+"""Consistency models as baselines: consistency distillation ``cd`` and consistency training
+``ct`` (Song et al. 2023; METHODS.md §8.3-8.4), in the project's time convention.
+
+Written from the papers' mathematics; no code of the consistency-models repositories is used.
+"""
+
+from distillkit import hookimpl
+
+from .method import CDConfig, CTConfig, ConsistencyDistillation, ConsistencyTraining, distance, rk_step_per_sample
+from .parameterization import (
+    ConsistencyFunction,
+    edm_coefficients,
+    implied_velocity,
+    renoise_coefficients,
+    time_grid,
+    velocity_coefficients,
+)
+from .sampling import consistency_multistep_sample
+from .schedules import num_points, target_rate
+
+__all__ = [
+    "CDConfig",
+    "CTConfig",
+    "ConsistencyDistillation",
+    "ConsistencyFunction",
+    "ConsistencyTraining",
+    "consistency_multistep_sample",
+    "distance",
+    "edm_coefficients",
+    "implied_velocity",
+    "num_points",
+    "renoise_coefficients",
+    "rk_step_per_sample",
+    "target_rate",
+    "time_grid",
+    "velocity_coefficients",
+]
+
+
+@hookimpl
+def distillkit_register_methods(register):
+    register(ConsistencyDistillation)
+    register(ConsistencyTraining)

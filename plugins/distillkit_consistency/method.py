@@ -1,0 +1,374 @@
+"""Consistency distillation (``cd``) and consistency training (``ct``), METHODS.md §8.3-8.4,
+written from Song, Dhariwal, Chen and Sutskever, "Consistency Models" (ICML 2023) and mapped into
+the project's convention (t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps).
+
+Per sample, with the decreasing grid t_0 = t_max > ... > t_{N-1} = t_min (``time_grid``):
+
+    i ~ U{0, ..., N - 2},  x_a = (1 - t_i) x + t_i eps
+    cd: x_b = one step of the teacher's probability-flow ODE from t_i to t_{i+1} (any integrator)
+    ct: x_b = (1 - t_{i+1}) x + t_{i+1} eps          (same eps: no teacher)
+    L   = d(f_theta(x_a, t_i), sg f_target(x_b, t_{i+1}))      uniform weighting
+
+The target network theta- <- mu theta- + (1 - mu) theta after every optimizer step is held by the
+method (saved in its state dict), separate from the trainer's evaluation EMA. mu = 0 (CD's
+default, the official CIFAR-10 setting, pitfall P10) makes the target the online network itself
+under stop-gradient; no copy is kept. Both evaluations see the same dropout randomness.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional
+
+import attrs
+import torch
+from torch import nn
+
+import distillkit
+from distillkit import Batch, LossOutput, Method
+
+from .parameterization import PARAMETERIZATIONS, ConsistencyFunction, implied_velocity, time_grid
+from .sampling import consistency_multistep_sample
+from .schedules import num_points, target_rate
+from .teacher_init import copy_teacher_weights
+
+DISTANCES = ("l2", "l1", "pseudo-huber")
+
+
+# ------------------------------------------------------------------------------------------------
+# options
+
+
+def _check(ok: bool, attribute, value, allowed: str) -> None:
+    if not ok:
+        raise distillkit.ConfigError(attribute.name, value, allowed)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(minimum: int):
+    def check(instance, attribute, value):
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, attribute, value,
+               f"an integer >= {minimum}")
+
+    return check
+
+
+def _positive(instance, attribute, value):
+    _check(_is_number(value) and value > 0, attribute, value, "a positive number")
+
+
+def _non_negative(instance, attribute, value):
+    _check(_is_number(value) and value >= 0, attribute, value, "a number >= 0")
+
+
+def _rate(instance, attribute, value):
+    _check(_is_number(value) and 0.0 <= value < 1.0, attribute, value, "a number in [0, 1)")
+
+
+def _t_min(instance, attribute, value):
+    _check(_is_number(value) and 0.0 < value < 0.5, attribute, value, "a number in (0, 0.5)")
+
+
+def _t_max(instance, attribute, value):
+    _check(_is_number(value) and 0.5 <= value <= 1.0, attribute, value, "a number in [0.5, 1]")
+
+
+def _one_of(*choices: str):
+    def check(instance, attribute, value):
+        _check(value in choices, attribute, value, "one of " + ", ".join(choices))
+
+    return check
+
+
+def _bool(instance, attribute, value):
+    _check(isinstance(value, bool), attribute, value, "true or false")
+
+
+def _registered_integrator(instance, attribute, value):
+    names = distillkit.get_registries().integrators.names()
+    _check(isinstance(value, str) and value in names, attribute, value, "a registered integrator: " + ", ".join(names))
+
+
+@attrs.frozen
+class _ConsistencyOptions:
+    #: Karras-grid exponent (grid in t; rho = 1: uniform)
+    rho: float = attrs.field(default=7.0, validator=_positive)
+    #: the data end of the grid: f(x, t_min) = x exactly
+    t_min: float = attrs.field(default=0.002, validator=_t_min)
+    #: the noise end of the grid (1: the one-step sampler's start is trained)
+    t_max: float = attrs.field(default=1.0, validator=_t_max)
+    #: data standard deviation in the edm parameterisation
+    sigma_data: float = attrs.field(default=0.5, validator=_positive)
+    parameterization: str = attrs.field(default="edm", validator=_one_of(*PARAMETERIZATIONS))
+    distance: str = attrs.field(default="l2", validator=_one_of(*DISTANCES))
+    #: pseudo-Huber c; 0 = 0.00054 sqrt(d) as in improved consistency training (d: sample size)
+    huber_c: float = attrs.field(default=0.0, validator=_non_negative)
+
+
+@attrs.frozen
+class CDConfig(_ConsistencyOptions):
+    #: N: points of the discretisation (18 on CIFAR-10, 40 on ImageNet-64)
+    num_points: int = attrs.field(default=18, validator=_int_at_least(2))
+    #: integrator of the teacher's one step between adjacent grid points
+    teacher_integrator: str = attrs.field(default="heun", validator=_registered_integrator)
+    #: mu: target-network rate (0: the online network, P10)
+    target_rate: float = attrs.field(default=0.0, validator=_rate)
+    #: start the student's F from the teacher's network when the shapes match
+    init_from_teacher: bool = attrs.field(default=True, validator=_bool)
+
+
+@attrs.frozen
+class CTConfig(_ConsistencyOptions):
+    #: N(0): grid points at the start of training
+    s0: int = attrs.field(default=2, validator=_int_at_least(2))
+    #: N(K) = s1 + 1 points at the end (150 on CIFAR-10, 200 on ImageNet-64)
+    s1: int = attrs.field(default=150, validator=_int_at_least(1))
+    #: mu0 of the target-rate schedule (0.9 on CIFAR-10, 0.95 on ImageNet-64)
+    mu0: float = attrs.field(default=0.9, validator=_rate)
+
+    def __attrs_post_init__(self):
+        if self.s1 + 1 < self.s0:
+            raise distillkit.ConfigError("s1", self.s1, f"an integer >= s0 - 1 = {self.s0 - 1} (N grows from s0 to s1 + 1)")
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces of the loss
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float = 0.0) -> torch.Tensor:
+    """Per-sample distance: mean squared / mean absolute difference, or the pseudo-Huber
+    sqrt(||a - b||^2 + c^2) - c of improved consistency training (Song and Dhariwal 2023)."""
+    diff = (a - b).flatten(1)
+    if kind == "l2":
+        return diff.square().mean(1)
+    if kind == "l1":
+        return diff.abs().mean(1)
+    if kind == "pseudo-huber":
+        c = huber_c if huber_c > 0 else 0.00054 * math.sqrt(diff.shape[1])
+        return (diff.square().sum(1) + c * c).sqrt() - c
+    raise ValueError(f"unknown distance {kind!r}")
+
+
+def rk_step_per_sample(velocity, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, tableau) -> torch.Tensor:
+    """One explicit Runge-Kutta step per sample, each from its own time t[n] by its own h[n]:
+    k_i = v(x + h sum_j a_ij k_j, t + c_i h),  x' = x + h sum_i b_i k_i."""
+    step = _per_sample(h, x)
+    slopes: list[torch.Tensor] = []
+    for row, c in zip(tableau.a, tableau.c):
+        stage = x
+        for a_ij, k_j in zip(row, slopes):
+            if a_ij != 0.0:
+                stage = stage + (a_ij * step) * k_j
+        slopes.append(velocity(stage, t + c * h))
+    out = x
+    for b_i, k_i in zip(tableau.b, slopes):
+        if b_i != 0.0:
+            out = out + (b_i * step) * k_i
+    return out
+
+
+def _same_dropout(device: torch.device):
+    """Fork the RNG so that the next forward pass sees the randomness the one after it sees too."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+# ------------------------------------------------------------------------------------------------
+# the methods
+
+
+class _ConsistencyMethod(Method):
+    def __init__(self, config: Any, context):
+        super().__init__(config, context)
+        self.target: Optional[nn.Module] = None
+        self._pending_target: Optional[dict] = None
+
+    # the student, sampling ------------------------------------------------------------------------
+    def build_student(self, backbone):
+        cfg = self.config
+        return ConsistencyFunction(backbone, cfg.parameterization, cfg.t_min, cfg.sigma_data)
+
+    def velocity_fn(self, student, cond=None):
+        """The implied velocity (x - f(x, t)) / t: one Euler step from t to 0 is f(x, t), so Euler
+        with NFE 1 is the one-step consistency sample and more Euler steps re-inject the noise
+        component the model itself predicts (deterministically)."""
+
+        def velocity(x, t):
+            return implied_velocity(student, x, t, cond, self.config.t_min)
+
+        return velocity
+
+    def sample(self, student, noise, times, generator, cond=None):
+        """The multistep consistency sampler (fresh noise at every step); ``times`` decreasing."""
+        return consistency_multistep_sample(
+            lambda x, t: student(x, t, cond), noise, times, generator, t_min=self.config.t_min
+        )
+
+    # the target network ---------------------------------------------------------------------------
+    def _keeps_target_copy(self) -> bool:
+        raise NotImplementedError
+
+    def _rate_at(self, step: int) -> float:
+        raise NotImplementedError
+
+    def _make_target(self, student) -> None:
+        self.target = copy.deepcopy(student).requires_grad_(False)
+        if self._pending_target is not None:
+            self.target.load_state_dict(self._pending_target)
+            self._pending_target = None
+
+    def prepare(self, student, context):
+        if self._keeps_target_copy():
+            self._make_target(student)
+
+    def _target_model(self, student):
+        if not self._keeps_target_copy():
+            return student  # mu = 0: the online parameters, under stop-gradient
+        if self.target is None:  # prepare was not called: start the target here
+            self._make_target(student)
+        self.target.train(student.training)
+        return self.target
+
+    @torch.no_grad()
+    def after_step(self, student, step):
+        if self.target is None:
+            return
+        rate = self._rate_at(step)
+        for target, online in zip(self.target.parameters(), student.parameters()):
+            target.lerp_(online.detach(), 1.0 - rate)
+        for target, online in zip(self.target.buffers(), student.buffers()):
+            target.copy_(online)
+
+    def state_dict(self):
+        if self.target is not None:
+            return {"target": self.target.state_dict()}
+        if self._pending_target is not None:
+            return {"target": self._pending_target}
+        return {}
+
+    def load_state_dict(self, state):
+        target = state.get("target")
+        if target is None:
+            return
+        if self.target is None:
+            self._pending_target = dict(target)  # applied when prepare builds the target
+        else:
+            self.target.load_state_dict(target)
+
+    # the loss -------------------------------------------------------------------------------------
+    def _consistency_loss(self, student, x_a, t_a, x_b, t_b, cond, metrics):
+        target_model = self._target_model(student)
+        with torch.no_grad(), _same_dropout(x_a.device):
+            target = target_model(x_b, t_b, cond)
+        online = student(x_a, t_a, cond)
+        per_sample = distance(online, target, self.config.distance, self.config.huber_c)
+        loss = per_sample.mean()
+        metrics["t_mean"] = float(t_a.mean())
+        return LossOutput(loss, metrics)
+
+    def tags(self):
+        return {
+            f"distillkit.{self.name}.parameterization": self.config.parameterization,
+            f"distillkit.{self.name}.distance": self.config.distance,
+        }
+
+
+class ConsistencyDistillation(_ConsistencyMethod):
+    name = "cd"
+    config_class = CDConfig
+    requires_teacher = True
+
+    def __init__(self, config: CDConfig, context):
+        super().__init__(config, context)
+        integrators = context.integrators if context.integrators is not None else distillkit.get_registries().integrators
+        self.tableau = integrators.get(config.teacher_integrator)
+        self.grid = time_grid(config.num_points, config.rho, config.t_min, config.t_max)
+        self.init_source = "random"
+
+    def _keeps_target_copy(self) -> bool:
+        return self.config.target_rate > 0.0
+
+    def _rate_at(self, step: int) -> float:
+        return self.config.target_rate
+
+    def prepare(self, student, context):
+        if self.config.init_from_teacher and self.context.teacher is not None:
+            self.init_source = copy_teacher_weights(student.backbone, self.context.teacher)
+        super().prepare(student, context)
+
+    def _teacher(self):
+        if self.context.teacher is None:
+            raise distillkit.UsageError("cd distils a teacher: pass --teacher (a run id, a checkpoint file or a teacher name)")
+        return self.context.teacher
+
+    def network_evals_per_step(self):
+        # The online pass with gradient; the teacher's stages and the target pass without.
+        return {"with_grad": 1, "no_grad": self.tableau.stages + 1}
+
+    def tags(self):
+        tags = super().tags()
+        tags.update({
+            "distillkit.cd.teacher_integrator": self.tableau.name,
+            "distillkit.cd.num_points": str(self.config.num_points),
+            "distillkit.cd.target_rate": str(self.config.target_rate),
+            "distillkit.cd.init": self.init_source,
+        })
+        return tags
+
+    def loss(self, student, batch: Batch, generator, step):
+        teacher = self._teacher()
+        x0, cond = batch.x, batch.cond
+        n = x0.shape[0]
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        index = torch.randint(0, self.config.num_points - 1, (n,), generator=generator, device=x0.device)
+        grid = self.grid.to(device=x0.device, dtype=x0.dtype)
+        t_a, t_b = grid[index], grid[index + 1]
+        x_a = (1.0 - _per_sample(t_a, x0)) * x0 + _per_sample(t_a, x0) * eps
+        with torch.no_grad():
+            x_b = rk_step_per_sample(lambda x, t: teacher.velocity(x, t, cond), x_a, t_a, t_b - t_a, self.tableau)
+        return self._consistency_loss(student, x_a, t_a, x_b, t_b, cond, {})
+
+
+class ConsistencyTraining(_ConsistencyMethod):
+    name = "ct"
+    config_class = CTConfig
+
+    def _keeps_target_copy(self) -> bool:
+        return True
+
+    def schedule(self, step: int) -> tuple[int, float]:
+        """(N(k), mu(k)) at optimizer step ``step`` of ``context.total_steps``."""
+        cfg, total = self.config, self.context.total_steps
+        return num_points(step, total, cfg.s0, cfg.s1), target_rate(step, total, cfg.s0, cfg.s1, cfg.mu0)
+
+    def _rate_at(self, step: int) -> float:
+        return self.schedule(step)[1]
+
+    def network_evals_per_step(self):
+        return {"with_grad": 1, "no_grad": 1}
+
+    def tags(self):
+        tags = super().tags()
+        tags.update({"distillkit.ct.s0": str(self.config.s0), "distillkit.ct.s1": str(self.config.s1)})
+        return tags
+
+    def loss(self, student, batch: Batch, generator, step):
+        cfg = self.config
+        points, rate = self.schedule(step)
+        x0, cond = batch.x, batch.cond
+        n = x0.shape[0]
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        index = torch.randint(0, points - 1, (n,), generator=generator, device=x0.device)
+        grid = time_grid(points, cfg.rho, cfg.t_min, cfg.t_max).to(device=x0.device, dtype=x0.dtype)
+        t_a, t_b = grid[index], grid[index + 1]
+        x_a = (1.0 - _per_sample(t_a, x0)) * x0 + _per_sample(t_a, x0) * eps
+        x_b = (1.0 - _per_sample(t_b, x0)) * x0 + _per_sample(t_b, x0) * eps
+        return self._consistency_loss(student, x_a, t_a, x_b, t_b, cond, {"num_points": points, "target_rate": rate})

@@ -73,12 +73,9 @@ def _find_resume(reference: str, runs_dir: Path, identity: str) -> Optional[Path
     """The checkpoint to resume: a file, a run id / run folder name, or ``auto``."""
     if reference == "auto":
         from ..training.checkpoint import load_checkpoint
-        from ..training.trainer import FINISHED_MARKER
 
         candidates = sorted((runs_dir / "runs").glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for path in candidates:
-            if (path.parent / FINISHED_MARKER).exists():
-                continue
+        for path in candidates:  # newest first: a finished run of this config is returned too
             if config_identity(load_checkpoint(path)["config"]) == identity:
                 return path
         return None
@@ -106,6 +103,8 @@ def _resumed_config(payload: dict, tree: dict):
 
 
 def run_command(args: argparse.Namespace, tree: dict) -> int:
+    from ..training.trainer import FINISHED_MARKER
+
     resume_payload: Optional[dict[str, Any]] = None
     resume_path: Optional[Path] = None
     if args.resume and args.resume != "auto":
@@ -123,6 +122,10 @@ def run_command(args: argparse.Namespace, tree: dict) -> int:
         return 0
     if args.resume == "auto":
         resume_path = _find_resume("auto", default_runs_dir(config), config_identity(resolved.to_dict()))
+        if resume_path is not None and (resume_path.parent / FINISHED_MARKER).exists():
+            # Restarting a command whose run already finished must not train it a second time.
+            print(f"the newest run of this configuration has already finished: {resume_path.parent}")
+            return 0
         if resume_path is not None:
             from ..training.checkpoint import load_checkpoint
 

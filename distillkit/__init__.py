@@ -23,7 +23,7 @@ from .hookspecs import hookimpl
 from .integrators.tableau import ButcherTableau
 from .plugin_manager import get_registries
 from .integrators import edm_grid, explicit_grid, integrate, uniform_grid, validate_time_grid
-from .trained import TrainedModel, find_checkpoint, load_trained_model
+from .trained import TrainedModel, copy_teacher_weights, find_checkpoint, load_trained_model, teacher_network
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,8 @@ __all__ = [
     "Teacher",
     "TeacherContext",
     "TrainedModel",
+    "copy_teacher_weights",
+    "teacher_network",
     "find_checkpoint",
     "load_trained_model",
     "TimeGridError",

@@ -11,7 +11,7 @@ import hashlib
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 import torch
@@ -113,3 +113,31 @@ def find_checkpoint(reference: str, *, runs_dir: str | Path, tracking_uri: str =
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"run {reference} cannot be read from {uri}: {first}") from None
     return Path(downloaded), f"run:{reference}"
+
+
+# Starting a student from its teacher's weights (checkpoint / run teachers have a network of the
+# same shapes; analytic teachers have none). Shared by every distillation method plugin.
+
+
+def teacher_network(teacher: object) -> Optional[nn.Module]:
+    """The network behind a checkpoint / run teacher (``teacher.trained.model``), else None."""
+    return getattr(getattr(teacher, "trained", None), "model", None)
+
+
+def _same_shapes(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
+def copy_teacher_weights(target: nn.Module, teacher: object) -> str:
+    """Load the teacher network's weights into ``target`` when their state dicts have the same
+    keys and shapes, else its ``backbone``'s (the trunk and main head of a multi-head student,
+    e.g. CUD's). Returns what was copied: ``teacher``, ``teacher-backbone`` or ``random``."""
+    source = teacher_network(teacher)
+    if source is None:
+        return "random"
+    wanted = target.state_dict()
+    for label, module in (("teacher", source), ("teacher-backbone", getattr(source, "backbone", None))):
+        if isinstance(module, nn.Module) and _same_shapes(module.state_dict(), wanted):
+            target.load_state_dict(module.state_dict())
+            return label
+    return "random"

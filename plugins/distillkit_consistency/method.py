@@ -31,7 +31,7 @@ from distillkit import Batch, LossOutput, Method
 from .parameterization import PARAMETERIZATIONS, ConsistencyFunction, implied_velocity, time_grid
 from .sampling import consistency_multistep_sample
 from .schedules import num_points, target_rate
-from .teacher_init import copy_teacher_weights
+from distillkit import copy_teacher_weights
 
 DISTANCES = ("l2", "l1", "pseudo-huber")
 

@@ -24,7 +24,7 @@ from torch.nn.functional import mse_loss
 import distillkit
 from distillkit import LossOutput, Method, hookimpl
 
-from .teacher_init import copy_teacher_weights
+from distillkit import copy_teacher_weights
 
 
 def _teacher_steps(instance, attribute, value):

@@ -26,7 +26,7 @@ import distillkit
 from distillkit import Batch, LossOutput, Method
 
 from .pairs import SEED_OFFSET, PairDataset, generate_pairs, load_pairs, pair_grid, save_atomic
-from .teacher_init import copy_teacher_weights
+from distillkit import copy_teacher_weights
 
 GRIDS = ("uniform", "edm")
 

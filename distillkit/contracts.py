@@ -47,11 +47,11 @@ class Batch:
     cond: Optional[torch.Tensor] = None
     noise: Optional[torch.Tensor] = None
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         def move(value):
-            return None if value is None else value.to(device)
+            return None if value is None else value.to(device, non_blocking=non_blocking)
 
-        return Batch(self.x.to(device), move(self.cond), move(self.noise))
+        return Batch(self.x.to(device, non_blocking=non_blocking), move(self.cond), move(self.noise))
 
     @classmethod
     def from_item(cls, item: Any) -> "Batch":

@@ -166,12 +166,22 @@ def sample_seeded(
     field for a batch's labels (``method.velocity_fn(model, cond)``)."""
     from .integrators.stepper import integrate
 
-    parts = []
+    device = torch.device(device)
+    asynchronous = device.type == "cuda"
+    parts, pending = [], None
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
-        noise = prior_noise(count, spec.shape, seed + start, device=device)
+        # Drawn on the CPU while the GPU still integrates the previous batch: the copy is
+        # non-blocking from pinned memory and that batch is fetched back only after this one is queued.
+        noise = prior_noise(count, spec.shape, seed + start)
+        noise = noise.pin_memory().to(device, non_blocking=True) if asynchronous else noise.to(device)
         cond = None if labels is None else labels[start : start + count].to(device)
-        parts.append(integrate(velocity_for(cond), noise, time_grid, integrator).cpu())
+        result = integrate(velocity_for(cond), noise, time_grid, integrator)
+        if pending is not None:
+            parts.append(pending.cpu())
+        pending = result
+    if pending is not None:
+        parts.append(pending.cpu())
     return torch.cat(parts) if parts else torch.empty(0, *spec.shape)
 
 

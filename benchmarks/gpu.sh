@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one call of at most ~10 minutes on one H100/H200 with no network.
+#
+#   bash benchmarks/gpu.sh [RESULTS_DIR]          (default: docs/results/gpu)
+#
+# PACK_DIR (default RESULTS_DIR) receives the log and results.tgz only: on the lending tool, set
+# PACK_DIR=$OUT, since it returns at most 8 files.
+#
+# Sections, most important first, each with its own time limit so that a slow one cannot starve
+# the rest; results are written after every section (and packed into results.tgz, because the
+# lending tool returns at most 8 files):
+#   1. overhead       distillkit vs a hand-written loop, fm / cud-euler / cud-rk3, CIFAR-10 DDPM++ net, batch 128, TF32
+#   2. speed options  fp32 vs tf32, bf16, channels_last (fm, same network)
+#   3. sampling       sample_ode / sample_seeded vs raw forward, NFE 1, 2, 4; 50k CIFAR-shaped samples
+#   4. method cost    every method and CUD variant relative to fm, peak memory
+#   5. MNIST          equal-budget comparison fm, cud-euler, cud-rk3, cd, rf-distill (+ cud-rk2), classifier_fd at NFE 1..16
+#   6. compile        torch.compile (tf32), if time is left
+# Needs: the MNIST .gz files in .mnist/ (copy them from ../shared/data/mnist) and, where torchdata
+# or tomli-w is missing, their wheels in .whl/ (see benchmarks/README.md).
+set -u
+RESULTS=${1:-docs/results/gpu}
+PACK_DIR=${PACK_DIR:-$RESULTS}
+BUDGET=${GPU_BUDGET:-560}          # seconds for all sections together
+START=$(date +%s)
+mkdir -p "$RESULTS" "$PACK_DIR"
+LOG="$PACK_DIR/gpu-log.txt"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+pack() {  # the log is copied first: tar must not read a file that is still growing
+    cp "$LOG" "$RESULTS/gpu-log.copy.txt" 2>/dev/null
+    tar czf "$PACK_DIR/.results.tgz" -C "$RESULTS" --exclude results.tgz --exclude .results.tgz --exclude gpu-log.txt . \
+        && mv "$PACK_DIR/.results.tgz" "$PACK_DIR/results.tgz"
+}
+section() {  # section NAME LIMIT_SECONDS COMMAND...: run with a hard limit of its own plus a margin
+    local name=$1 limit=$2; shift 2
+    local now; now=$(left)
+    if (( now < 30 )); then echo "== $name: skipped, ${now}s left"; return; fi
+    (( limit > now )) && limit=$now
+    echo "== $name (limit ${limit}s, ${now}s left) $(date -u +%H:%M:%S)"
+    timeout --kill-after=10 $((limit + 20)) "$@" --time-limit "$limit" || echo "== $name: exit code $?"
+    pack
+}
+
+if ! python3 -c "import distillkit, torchdata, tomli_w" 2>/dev/null; then
+    # No network here: the missing pure-Python packages travel as wheels, distillkit as source.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+    if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site .; then
+        # No build backend there: use the sources in place, with the entry points in a hand-made dist-info.
+        export PYTHONPATH=/tmp/site:$PWD:$PWD/plugins
+        python3 -c "import tomllib, pathlib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']
+d = pathlib.Path('/tmp/site/distillkit-' + p['version'] + '.dist-info'); d.mkdir(parents=True, exist_ok=True)
+(d / 'METADATA').write_text(f\"Metadata-Version: 2.1\nName: distillkit\nVersion: {p['version']}\n\")
+(d / 'entry_points.txt').write_text('[distillkit]\n' + ''.join(f'{k} = {v}\n' for k, v in p['entry-points']['distillkit'].items()))" || exit 1
+    fi
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$RESULTS/card.txt"
+python3 -c "import torch, distillkit; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'distillkit', distillkit.__version__)"
+export DISTILLKIT_CACHE=${DISTILLKIT_CACHE:-/tmp/distillkit-cache}
+
+B=benchmarks
+# SMOKE=1: the same flow on a CPU with a tiny network and budgets, in about two minutes (to test
+# this script before spending device time on it).
+if [[ ${SMOKE:-0} == 1 ]]; then
+    DEV=cpu; NET=tiny; STEPS=4; IMAGES=1024; N=100; SAMPLES=1000; COMPILE=none; PAIRS=256
+else
+    DEV=cuda; NET=cifar10; STEPS=15; IMAGES=256000; N=1000; SAMPLES=50000; COMPILE="tf32 + compile"; PAIRS=10000
+fi
+section overhead 75 python3 $B/overhead.py --device $DEV --preset $NET --precision tf32 \
+    --warmup 5 --steps $STEPS --rounds 2 --out "$RESULTS/overhead-gpu.md"
+section speed-options 55 python3 $B/speed_options.py --device $DEV --preset $NET --compile none \
+    --warmup 5 --steps $STEPS --rounds 2 --out "$RESULTS/speed-options-gpu.md"
+section sampling 50 python3 $B/sampling.py --device $DEV --preset $NET --precision tf32 \
+    --count 2000 --batch 500 --rounds 2 --full-count $SAMPLES --out "$RESULTS/sampling-gpu.md"
+section method-cost 90 python3 $B/method_cost.py --device $DEV --preset $NET --precision tf32 \
+    --warmup 3 --steps $((STEPS * 2 / 3)) --rounds 2 --no-memory --out "$RESULTS/method-cost-gpu.md"
+section mnist 170 python3 $B/equal_budget.py --device $DEV --dataset mnist --data-root .mnist --backbone unet \
+    --variants fm,cud-euler,cud-rk3,cd,rf-distill,cud-rk2 --budget-images $IMAGES --teacher-images $IMAGES \
+    --set rf-distill:method_options.num_pairs=$PAIRS \
+    --nfe 1,2,4,8,16 --metrics classifier_fd,fd_pixels --n $N --work /tmp/equal-budget --out "$RESULTS/mnist-gpu.md"
+section compile 150 python3 $B/speed_options.py --device $DEV --preset $NET --settings fp32 \
+    --compile "$COMPILE" --compile-budget 100 --warmup 5 --steps $STEPS --rounds 1 --out "$RESULTS/compile-gpu.md"
+echo "== done in $(( $(date +%s) - START ))s"
+pack

@@ -1,0 +1,179 @@
+"""What one training step of each method costs, relative to flow matching (``fm``).
+
+Every registered method (and CUD with each alignment integrator) trains the same network on the
+same synthetic data through distillkit's own trainer; the table gives images/s, time per step
+relative to fm (measured alternately with it, round by round), the network evaluations the method
+says it spends per step (with and without gradient), peak memory, and the one-off start-up
+(building, plus a method's ``prepare``: generating teacher pairs or trajectories, scaled down here
+to a few batches; its per-step cost does not depend on how many were generated).
+
+    python benchmarks/method_cost.py --device cpu --preset digits --out docs/results/method-cost-cpu.md
+    python benchmarks/method_cost.py --device cuda --preset cifar10 --precision tf32 --out docs/results/method-cost-h200.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import Deadline, command_line, header, machine, median, pick_device, write_result
+from _training import PRESETS, SyntheticImages, config_tree, make_teacher, time_training, variant_parts
+from distillkit import get_registries
+
+DEFAULT_VARIANTS = "fm,cud-euler,cud-rk2,cud-rk3,otcfm,ct,cd,pd,rf-reflow,rf-distill,cud-stage2"
+
+
+def method_options(method: str, batch: int) -> dict:
+    """Scale a method's one-off preparation down to a few batches: the step cost is unchanged."""
+    if method in ("rf-reflow", "rf-distill"):
+        return {"num_pairs": 4 * batch}
+    if method == "cud-stage2":
+        return {"num_trajectories": 4 * batch, "generation_batch": batch}
+    return {}
+
+
+def teacher_kind(method: str) -> str:
+    return "cud-euler" if method == "cud-stage2" else "fm"
+
+
+def peak_rss_mb(label: str, args) -> float:
+    """Peak resident memory of a separate process that trains ``label`` for a few steps (on a CPU
+    the process's peak is the only honest per-method figure)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import method_cost as m; "
+            f"m.one_process({label!r}, {args.preset!r}, {args.precision!r}, {args.threads})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"{label}: memory probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def one_process(label: str, preset: str, precision: str, threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    method, _ = variant_parts(label)
+    dataset = SyntheticImages(PRESETS[preset]["shape"], count=4 * PRESETS[preset]["batch"])
+    with tempfile.TemporaryDirectory() as work:
+        teacher = make_teacher(teacher_kind(method), preset, dataset, device, Path(work)) if _needs_teacher(method) else None
+        tree = config_tree(label, preset, device=device, steps=1, precision=precision,
+                           method_options=method_options(method, PRESETS[preset]["batch"]),
+                           teacher="benchmark" if teacher else "")
+        time_training(tree, dataset, device, warmup=1, timed=3, teacher=teacher, work=Path(work))
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _needs_teacher(method: str) -> bool:
+    return get_registries().methods.get(method).requires_teacher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="CPU: skip the per-method peak-memory processes")
+    parser.add_argument("--time-limit", type=float, default=0)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    deadline = Deadline(args.time_limit)
+    labels = [v for v in args.variants.split(",") if v]
+    if "fm" not in labels:
+        labels.insert(0, "fm")
+    parts = {label: variant_parts(label) for label in labels}
+    preset = PRESETS[args.preset]
+    batch = preset["batch"]
+    dataset = SyntheticImages(preset["shape"], count=4 * batch)
+    info = machine(device)
+    work = Path(tempfile.mkdtemp(prefix="distillkit-method-cost-"))
+    registries = get_registries()
+
+    teachers, setups = {}, {}
+    for label, (method, _) in parts.items():
+        if registries.methods.get(method).requires_teacher and teacher_kind(method) not in teachers:
+            teachers[teacher_kind(method)] = make_teacher(teacher_kind(method), args.preset, dataset, device, work)
+    for label, (method, _) in parts.items():
+        teacher = teachers.get(teacher_kind(method)) if registries.methods.get(method).requires_teacher else None
+        setups[label] = (config_tree(label, args.preset, device=device, steps=1, precision=args.precision,
+                                     method_options=method_options(method, batch),
+                                     teacher="benchmark" if teacher else ""), teacher)
+
+    def measure(label):
+        tree, teacher = setups[label]
+        return time_training(tree, dataset, device, warmup=args.warmup, timed=args.steps, teacher=teacher, work=work)
+
+    rows: dict[str, dict] = {label: {"runs": []} for label in labels}
+    skipped: list[str] = []
+    for r in range(args.rounds):
+        for label in labels if r % 2 == 0 else list(reversed(labels)):
+            if label in skipped:
+                continue
+            begun = time.monotonic()
+            if rows[label]["runs"] and not deadline.allows(2 * (rows[label].get("seconds", 0))):
+                continue  # later rounds are dropped first when time runs short
+            if not rows[label]["runs"] and not deadline.allows(30):
+                skipped.append(label)
+                continue
+            rows[label]["runs"].append(measure(label))
+            rows[label]["seconds"] = time.monotonic() - begun
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+    from distillkit.config import run_config_from_dict
+    from distillkit.resolve import resolve
+    from distillkit.training.build import build_model
+
+    fm_rate = median([run["images_per_second"] for run in rows["fm"]["runs"]])
+    lines = [header(f"Method cost per training step ({args.preset}, {args.precision})", info, command_line()),
+             f"Network: `{preset['backbone']}` {preset['backbone_options'] or ''} on synthetic {preset['shape']} data, "
+             f"batch {batch}, through distillkit's trainer. Per method: {args.warmup} untimed + {args.steps} timed steps, "
+             f"{args.rounds} rounds alternating over all methods; images/s is the median over rounds. Network "
+             "evaluations per step are the method's own count (`Method.network_evals_per_step`). Distillation "
+             "methods use an untrained teacher of the same network (a teacher evaluation costs the same trained or not). "
+             "Start-up: build + `prepare` (teacher pairs / trajectories, scaled to 4 batches here) + the first step.", "",
+             "| method | network evals / step (grad + no-grad) | images/s | time per step vs fm | peak memory MiB | start-up s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for label in labels:
+        runs = rows[label]["runs"]
+        if not runs:
+            continue
+        tree, teacher = setups[label]
+        method_obj, _ = build_model(resolve(run_config_from_dict(tree), registries), dataset.spec, device,
+                                    seed=0, teacher=teacher)
+        evals = method_obj.network_evals_per_step()
+        rate = median([run["images_per_second"] for run in runs])
+        if device.type == "cuda":
+            memory = max(run["peak_memory_mb"] for run in runs)
+        else:
+            memory = float("nan") if args.no_memory else peak_rss_mb(label, args)
+        rows[label].update(evals=evals, images_per_second=rate, relative_time=fm_rate / rate, peak_memory_mb=memory,
+                           startup_seconds=median([run["startup_seconds"] for run in runs]))
+        lines.append(f"| {label} | {evals['with_grad']} + {evals['no_grad']} | {rate:,.0f} | {fm_rate / rate:.2f}× | "
+                     f"{memory:,.0f} | {rows[label]['startup_seconds']:.1f} |")
+    if device.type != "cuda":
+        lines.append("\nCPU peak memory is each method's own process's peak resident set (including the Python "
+                     "interpreter and libraries, ~0.5 GiB): compare the differences.")
+    else:
+        lines.append("\nPeak memory: `torch.cuda.max_memory_allocated` during the method's timed runs.")
+    if skipped:
+        lines.append(f"\nSkipped for lack of time: {', '.join(skipped)}.")
+    write_result(args.out, "\n".join(lines) + "\n",
+                 {"machine": info, "args": vars(args), "rows": rows, "skipped": skipped})
+
+
+if __name__ == "__main__":
+    main()

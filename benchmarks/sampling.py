@@ -1,0 +1,135 @@
+"""Sampling throughput: distillkit's samplers against the raw forward passes of the same network.
+
+For each NFE (Euler steps on the uniform grid) three ways to draw ``--count`` samples in batches of
+``--batch`` are timed alternately:
+
+- **raw forward**: ``NFE`` calls of the network per batch on noise already on the device (no
+  integrator, no noise generation): the floor any sampler pays;
+- **sample_ode**: ``distillkit.sampling.sample_ode`` on noise already on the device (the
+  integrator's own overhead);
+- **sample_seeded**: what ``distillkit sample`` / ``eval`` run: per-sample seeded noise drawn on the
+  CPU batch by batch, integrated, results back on the CPU.
+
+Ratios are images/s over the raw forward's (target >= 0.95). Then the time to draw 50,000
+CIFAR-shaped samples with ``sample_seeded`` at NFE 1 (``--full-count``).
+
+    python benchmarks/sampling.py --device cpu --preset cifar10-small --out docs/results/sampling-cpu.md
+    python benchmarks/sampling.py --device cuda --preset cifar10 --precision tf32 --out docs/results/sampling-h200.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import Deadline, command_line, header, interleaved, machine, median, pick_device, spread, synchronize, write_result
+from _training import PRESETS, config_tree
+from distillkit import DataSpec, get_registries
+from distillkit.config import run_config_from_dict
+from distillkit.evaluation import sample_seeded
+from distillkit.resolve import resolve
+from distillkit.sampling import prior_noise, sample_ode, uniform_grid
+from distillkit.training.build import build_model
+
+
+def build_sampler_network(preset: str, device: torch.device):
+    tree = config_tree("fm", preset, device=device, steps=1)
+    resolved = resolve(run_config_from_dict(tree), get_registries())
+    spec = DataSpec(PRESETS[preset]["shape"])
+    method, net = build_model(resolved, spec, device, seed=0)
+    net.eval().requires_grad_(False)
+    return method.velocity_fn(net), net, spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="cifar10-small", choices=sorted(PRESETS))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32"))
+    parser.add_argument("--nfe", default="1,2,4")
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--count", type=int, default=2000, help="samples per timed measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--full-count", type=int, default=50_000, help="samples of the end-to-end timing (0: skip)")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--time-limit", type=float, default=0)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    deadline = Deadline(args.time_limit)
+    velocity, net, spec = build_sampler_network(args.preset, device)
+    info = machine(device)
+    nfes = [int(k) for k in args.nfe.split(",")]
+    noise = prior_noise(args.count, spec.shape, 0).to(device)
+    euler = get_registries().integrators.get("euler")
+
+    def rate(run) -> float:
+        synchronize(device)
+        started = time.perf_counter()
+        run()
+        synchronize(device)
+        return args.count / (time.perf_counter() - started)
+
+    with torch.no_grad():  # warm-up: kernels chosen, memory pools filled
+        net(noise[: args.batch], torch.ones(min(args.batch, args.count), device=device))
+    results, skipped = {}, []
+    for nfe in nfes:
+        if results and not deadline.allows(60):
+            skipped.append(nfe)
+            continue
+        grid = uniform_grid(nfe)
+
+        @torch.no_grad()
+        def raw():
+            for chunk in noise.split(args.batch):
+                t = torch.ones(len(chunk), device=device)
+                for _ in range(nfe):
+                    out = net(chunk, t)
+            return out
+
+        measures = {
+            "raw forward": lambda: rate(raw),
+            "sample_ode": lambda: rate(lambda: sample_ode(velocity, noise, grid, euler, batch_size=args.batch)),
+            "sample_seeded": lambda: rate(lambda: sample_seeded(lambda cond: velocity, spec, args.count, 0, grid, euler,
+                                                                batch_size=args.batch, device=device)),
+        }
+        rates = interleaved(measures, args.rounds)
+        results[nfe] = {name: values for name, values in rates.items()}
+        print(f"NFE {nfe}: " + ", ".join(f"{k} {spread(v)} img/s" for k, v in rates.items()), flush=True)
+
+    full = None
+    if args.full_count and deadline.allows(60):
+        synchronize(device)
+        started = time.perf_counter()
+        samples = sample_seeded(lambda cond: velocity, spec, args.full_count, 0, uniform_grid(1), euler,
+                                batch_size=args.batch, device=device)
+        full = {"count": len(samples), "seconds": time.perf_counter() - started}
+
+    preset = PRESETS[args.preset]
+    lines = [header(f"Sampling throughput ({args.preset}, {args.precision})", info, command_line()),
+             f"Network: `{preset['backbone']}` {preset['backbone_options'] or ''} at {preset['shape']}, eval mode, "
+             f"batches of {args.batch}; {args.count} samples per measurement, {args.rounds} rounds alternating. "
+             "images/s as median (min–max); ratio = median images/s / the raw forward's (target >= 0.95).", "",
+             "| NFE | raw forward images/s | sample_ode images/s | ratio | sample_seeded images/s | ratio |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for nfe, r in results.items():
+        base = median(r["raw forward"])
+        lines.append(f"| {nfe} | {spread(r['raw forward'])} | {spread(r['sample_ode'])} | "
+                     f"**{median(r['sample_ode']) / base:.3f}** | {spread(r['sample_seeded'])} | "
+                     f"**{median(r['sample_seeded']) / base:.3f}** |")
+    if full:
+        lines.append(f"\n**{full['count']:,} samples** at NFE 1 with `sample_seeded` (per-sample seeds, results on the "
+                     f"CPU), batch {args.batch}: **{full['seconds']:.1f} s** ({full['count'] / full['seconds']:,.0f} images/s).")
+    if skipped:
+        lines.append(f"\nSkipped for lack of time: NFE {', '.join(map(str, skipped))}.")
+    write_result(args.out, "\n".join(lines) + "\n", {"machine": info, "args": vars(args),
+                                                     "results": {str(k): v for k, v in results.items()}, "full": full})
+
+
+if __name__ == "__main__":
+    main()

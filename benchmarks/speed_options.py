@@ -1,0 +1,104 @@
+"""The training engine's speed options against plain fp32, through distillkit's own trainer.
+
+Options: ``train.precision`` (fp32, tf32, bf16 autocast), ``train.channels_last``,
+``train.compile``. Each setting trains the same network on the same synthetic data; settings are
+measured alternately, round by round, and compared with fp32 measured in the same rounds.
+``torch.compile`` is measured once, last (every build compiles again), and its compile time is
+reported as start-up.
+
+    python benchmarks/speed_options.py --device cuda --preset cifar10 --out docs/results/speed-options-h200.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from _common import Deadline, command_line, fail, header, interleaved, machine, median, pick_device, spread, write_result
+from _training import PRESETS, SyntheticImages, config_tree, time_training
+
+SETTINGS = {
+    "fp32": {"precision": "fp32"},
+    "tf32": {"precision": "tf32"},
+    "bf16": {"precision": "bf16"},
+    "tf32 + channels_last": {"precision": "tf32", "channels_last": True},
+    "bf16 + channels_last": {"precision": "bf16", "channels_last": True},
+}
+COMPILED = {"tf32 + compile": {"precision": "tf32", "compile": True},
+            "bf16 + compile": {"precision": "bf16", "compile": True}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
+    parser.add_argument("--method", default="fm", help="a variant label: fm, cud-rk3, ...")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="uncompiled settings, comma-separated (fp32 always)")
+    parser.add_argument("--compile", default="tf32 + compile", help=f"compiled settings to try, comma-separated "
+                        f"({', '.join(COMPILED)}), or none")
+    parser.add_argument("--compile-budget", type=float, default=150, help="seconds a compiled setting needs left to start")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--time-limit", type=float, default=0)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    deadline = Deadline(args.time_limit)
+    preset = PRESETS[args.preset]
+    dataset = SyntheticImages(preset["shape"], count=4 * preset["batch"])
+    info = machine(device)
+
+    def measure(options):
+        tree = config_tree(args.method, args.preset, device=device, steps=1, **options)
+        return lambda: time_training(tree, dataset, device, warmup=args.warmup, timed=args.steps)
+
+    chosen = ["fp32", *(n.strip() for n in args.settings.split(",") if n.strip() and n.strip() != "fp32")]
+    if unknown := [n for n in chosen if n not in SETTINGS]:
+        fail(f"--settings {unknown[0]!r}: not one of {', '.join(SETTINGS)}")
+    if unknown := [n.strip() for n in args.compile.split(",") if n.strip() not in (*COMPILED, "none", "")]:
+        fail(f"--compile {unknown[0]!r}: not one of {', '.join(COMPILED)} or none")
+    runs = interleaved({name: measure(SETTINGS[name]) for name in chosen}, args.rounds)
+    results = {name: {"images_per_second": [r["images_per_second"] for r in rs],
+                      "startup_seconds": median([r["startup_seconds"] for r in rs]),
+                      "peak_memory_mb": max(r["peak_memory_mb"] for r in rs)} for name, rs in runs.items()}
+    skipped = []
+    for name in [c.strip() for c in args.compile.split(",") if c.strip() and c.strip() != "none"]:
+        if not deadline.allows(args.compile_budget):
+            skipped.append(name)
+            continue
+        try:
+            r = measure(COMPILED[name])()
+            results[name] = {"images_per_second": [r["images_per_second"]], "startup_seconds": r["startup_seconds"],
+                             "peak_memory_mb": r["peak_memory_mb"]}
+        except Exception as exc:  # a compiler failure is a result to report, not a crash of the benchmark
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            print(f"{name}: {results[name]['error']}", file=sys.stderr)
+
+    base = median(results["fp32"]["images_per_second"])
+    lines = [header(f"Speed options of the training engine ({args.method}, {args.preset})", info, command_line()),
+             f"Network: `{preset['backbone']}` {preset['backbone_options'] or ''} on synthetic {preset['shape']} data, "
+             f"batch {preset['batch']}, method `{args.method}`, through distillkit's trainer. {args.warmup} untimed + "
+             f"{args.steps} timed steps per measurement; {args.rounds} rounds alternating over the uncompiled settings; "
+             "compiled settings once, last. Start-up = build + first step (includes compilation).", "",
+             "| setting | images/s | vs fp32 | peak memory MiB | start-up s |", "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | |")
+            continue
+        rate = median(r["images_per_second"])
+        lines.append(f"| {name} | {spread(r['images_per_second'])} | **{rate / base:.2f}×** | "
+                     f"{r['peak_memory_mb']:,.0f} | {r['startup_seconds']:.1f} |")
+    if skipped:
+        lines.append(f"\nNot measured for lack of time: {', '.join(skipped)}.")
+    write_result(args.out, "\n".join(lines) + "\n", {"machine": info, "args": vars(args), "results": results,
+                                                     "skipped": skipped})
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@
 #   4. method cost    every method and CUD variant relative to fm, peak memory
 #   5. MNIST          equal-budget comparison fm, cud-euler, cud-rk3, cd, rf-distill (+ cud-rk2), classifier_fd at NFE 1..16
 #   6. compile        torch.compile (tf32), if time is left
+# SECTIONS="overhead mnist" runs only those; MNIST_VARIANTS replaces the MNIST variant list.
 # Needs: the MNIST .gz files in .mnist/ (copy them from ../shared/data/mnist) and, where torchdata
 # or tomli-w is missing, their wheels in .whl/ (see benchmarks/README.md).
 set -u
@@ -35,6 +36,7 @@ pack() {  # the log is copied first: tar must not read a file that is still grow
 }
 section() {  # section NAME LIMIT_SECONDS COMMAND...: run with a hard limit of its own plus a margin
     local name=$1 limit=$2; shift 2
+    if [[ " ${SECTIONS:-overhead speed-options sampling method-cost mnist compile} " != *" $name "* ]]; then return; fi
     local now; now=$(left)
     if (( now < 30 )); then echo "== $name: skipped, ${now}s left"; return; fi
     (( limit > now )) && limit=$now
@@ -72,12 +74,12 @@ section overhead 75 python3 $B/overhead.py --device $DEV --preset $NET --precisi
     --warmup 5 --steps $STEPS --rounds 2 --out "$RESULTS/overhead-gpu.md"
 section speed-options 55 python3 $B/speed_options.py --device $DEV --preset $NET --compile none \
     --warmup 5 --steps $STEPS --rounds 2 --out "$RESULTS/speed-options-gpu.md"
-section sampling 50 python3 $B/sampling.py --device $DEV --preset $NET --precision tf32 \
-    --count 2000 --batch 500 --rounds 2 --full-count $SAMPLES --out "$RESULTS/sampling-gpu.md"
+section sampling 50 python3 $B/sampling.py --device $DEV --preset $NET --precision tf32 --nfe 1,4 \
+    --count 3000 --batch 500 --rounds 2 --full-count $SAMPLES --out "$RESULTS/sampling-gpu.md"
 section method-cost 90 python3 $B/method_cost.py --device $DEV --preset $NET --precision tf32 \
     --warmup 3 --steps $((STEPS * 2 / 3)) --rounds 2 --no-memory --out "$RESULTS/method-cost-gpu.md"
 section mnist 170 python3 $B/equal_budget.py --device $DEV --dataset mnist --data-root .mnist --backbone unet \
-    --variants fm,cud-euler,cud-rk3,cd,rf-distill,cud-rk2 --budget-images $IMAGES --teacher-images $IMAGES \
+    --variants ${MNIST_VARIANTS:-fm,cud-euler,cud-rk3,cd,rf-distill,cud-rk2} --budget-images $IMAGES --teacher-images $IMAGES \
     --set rf-distill:method_options.num_pairs=$PAIRS \
     --nfe 1,2,4,8,16 --metrics classifier_fd,fd_pixels --n $N --work /tmp/equal-budget --out "$RESULTS/mnist-gpu.md"
 section compile 150 python3 $B/speed_options.py --device $DEV --preset $NET --settings fp32 \

@@ -78,10 +78,12 @@ def main() -> None:
     with torch.no_grad():  # warm-up: kernels chosen, memory pools filled
         net(noise[: args.batch], torch.ones(min(args.batch, args.count), device=device))
     results, skipped = {}, []
+    seconds_per_nfe = 0.0  # measured: seconds one NFE of every way costs over all rounds
     for nfe in nfes:
-        if results and not deadline.allows(60):
+        if not deadline.allows(1.5 * seconds_per_nfe * nfe + 5):
             skipped.append(nfe)
             continue
+        begun = time.monotonic()
         grid = uniform_grid(nfe)
 
         @torch.no_grad()
@@ -100,10 +102,12 @@ def main() -> None:
         }
         rates = interleaved(measures, args.rounds)
         results[nfe] = {name: values for name, values in rates.items()}
+        seconds_per_nfe = max(seconds_per_nfe, (time.monotonic() - begun) / nfe)
         print(f"NFE {nfe}: " + ", ".join(f"{k} {spread(v)} img/s" for k, v in rates.items()), flush=True)
 
     full = None
-    if args.full_count and deadline.allows(60):
+    seeded_rate = median(results[min(results)]["sample_seeded"]) * min(results) if results else 0.0  # at NFE 1
+    if args.full_count and seeded_rate and deadline.allows(1.5 * args.full_count / seeded_rate + 5):
         synchronize(device)
         started = time.perf_counter()
         samples = sample_seeded(lambda cond: velocity, spec, args.full_count, 0, uniform_grid(1), euler,
@@ -127,6 +131,8 @@ def main() -> None:
                      f"CPU), batch {args.batch}: **{full['seconds']:.1f} s** ({full['count'] / full['seconds']:,.0f} images/s).")
     if skipped:
         lines.append(f"\nSkipped for lack of time: NFE {', '.join(map(str, skipped))}.")
+    if args.full_count and not full:
+        lines.append(f"\nThe {args.full_count:,}-sample timing was skipped for lack of time.")
     write_result(args.out, "\n".join(lines) + "\n", {"machine": info, "args": vars(args),
                                                      "results": {str(k): v for k, v in results.items()}, "full": full})
 

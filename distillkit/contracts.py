@@ -68,7 +68,9 @@ class LossOutput:
     """A method's loss for one batch, and the scalars worth logging next to it."""
 
     loss: torch.Tensor
-    metrics: dict[str, float] = attrs.field(factory=dict)
+    #: Python numbers, or 0-dim tensors, which the trainer reads back together with the loss in
+    #: the step's one wait for the device (a ``float(tensor)`` here would stall the GPU mid-step).
+    metrics: dict[str, float | torch.Tensor] = attrs.field(factory=dict)
 
 
 class _Named:
@@ -224,6 +226,10 @@ class Method(_Named):
     uses_integrator: ClassVar[bool] = False
     #: True when the method distils a teacher (``--teacher`` is then required).
     requires_teacher: ClassVar[bool] = False
+    #: True when ``after_step`` changes what the training set yields (CUD stage 2 switches its
+    #: trajectory phase there). Otherwise the trainer collates the next batch while the device is
+    #: still busy with the current step, before ``after_step`` runs.
+    data_changes_after_step: ClassVar[bool] = False
 
     def __init__(self, config: Any, context: MethodContext):
         self.config = config

@@ -16,7 +16,7 @@ from distillkit.config import run_config_from_dict
 from distillkit.resolve import resolve
 from distillkit.tracking import NullTracker
 from distillkit.training.checkpoint import load_checkpoint, save_atomic
-from distillkit.training.ema import ema_decay_at, halflife_decay_at
+from distillkit.training.ema import ema_decay_at, halflife_decay_at, make_ema
 from distillkit.training.state import prune
 from distillkit.training.trainer import train
 
@@ -179,6 +179,35 @@ def test_ema_schedules_match_their_closed_forms():
     # EDM: beta = 0.5 ** (batch / halflife), the half-life ramped to at most ratio x images seen.
     assert halflife_decay_at(500_000, 0.05, 512, 10**6) == pytest.approx(0.5 ** (512 / 500_000))
     assert halflife_decay_at(500_000, 0.05, 512, 99) == pytest.approx(0.5 ** (512 / (100 * 512 * 0.05)))
+
+
+def test_ema_update_is_the_closed_form_with_integer_buffers_copied_and_resumes():
+    # A network with a float parameter, a float buffer and an integer buffer (BatchNorm's counter).
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = make_ema(student, lambda n: 0.5 + 0.1 * (n % 3))
+    expected = {k: v.clone() for k, v in student.state_dict().items()}
+    for update in range(5):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p))
+            student[1].running_mean.add_(1.0)
+            student[1].num_batches_tracked.add_(1)
+        ema.update_parameters(student)
+        current = student.state_dict()
+        for key, value in current.items():
+            if update == 0 or not value.is_floating_point():
+                expected[key] = value.clone()  # the first update copies; integers follow the student
+            else:
+                decay = 0.5 + 0.1 * (update % 3)
+                expected[key] = decay * expected[key] + (1 - decay) * value
+    for key, value in ema.module.state_dict().items():
+        assert torch.allclose(value.float(), expected[key].float(), atol=1e-6), key
+    assert int(ema.n_averaged) == 5
+    # A reloaded average continues with the same update count (same decay schedule).
+    restored = make_ema(student, lambda n: 0.5 + 0.1 * (n % 3))
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 5 and set(restored.state_dict()) == set(ema.state_dict())
 
 
 def test_named_emas_and_images_seen_in_the_checkpoint(tmp_path):

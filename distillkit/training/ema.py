@@ -35,16 +35,45 @@ def halflife_name(halflife_images: float) -> str:
     return f"ema_hl{halflife_images:g}"
 
 
+class ExponentialAverage(AveragedModel):
+    """PyTorch's ``AveragedModel`` (same state dict, same module) with an update that never waits
+    for the GPU: ``AveragedModel.update_parameters`` reads its device-side counter back on every
+    update, so each EMA would add pipeline stalls to every training step. Here the count is also
+    kept as a Python int (restored from the counter on load), and the arithmetic is the same:
+    update 0 copies the weights, update n >= 1 lerps with weight 1 - ``decay_at(n)``; integer
+    buffers (counters) follow the student."""
+
+    def __init__(self, student: nn.Module, decay_at: Callable[[int], float]):
+        super().__init__(student, use_buffers=True)
+        self.decay_at = decay_at
+        self.updates = 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            if floating:
+                torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating],
+                                     1.0 - self.decay_at(self.updates))
+            others = [i for i in range(len(averaged)) if not averaged[i].is_floating_point()]
+            if others:
+                torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
+        self.n_averaged += 1
+        self.updates += 1
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.updates = int(self.n_averaged)
+        return result
+
+
 def make_ema(student: nn.Module, decay_at: Callable[[int], float]) -> AveragedModel:
     """An ``AveragedModel`` whose update ``n`` uses decay ``decay_at(n)``."""
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        if not averaged[0].is_floating_point():  # integer buffers (counters) follow the student
-            torch._foreach_copy_(averaged, current)
-            return
-        torch._foreach_lerp_(averaged, current, 1.0 - decay_at(int(num_averaged)))
-
-    return AveragedModel(student, multi_avg_fn=update, use_buffers=True)
+    return ExponentialAverage(student, decay_at)
 
 
 def make_emas(

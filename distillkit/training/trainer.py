@@ -285,12 +285,16 @@ def train(
     images_per_second, final_loss = 0.0, float("nan")
     skipped = int(resume.get("skipped_steps", 0)) if resume is not None else 0
     checkpoint = output_dir / "checkpoint.pt"
+    prefetched: Optional[Batch] = None
     for step in range(start_step, cfg.max_steps):
-        batch = next(batches).to(device, non_blocking=device.type == "cuda")
+        batch = (prefetched if prefetched is not None else next(batches)).to(device, non_blocking=device.type == "cuda")
+        prefetched = None
         if image_model:
             batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.cond, batch.noise)
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, float] = {}
+        losses: list[torch.Tensor] = []
+        device_metrics: dict[str, list[torch.Tensor]] = {}
         for micro in range(cfg.grad_accumulation):
             generator.manual_seed(micro_batch_seed(config.seed, step, micro * world + rank))
             sync = contextlib.nullcontext()
@@ -300,16 +304,33 @@ def train(
                 with _autocast(device, cfg.precision):
                     output = method.loss(model, _chunk(batch, micro, cfg.grad_accumulation), generator, step)
                 scaler.scale(output.loss / cfg.grad_accumulation).backward()
-            for key, value in {"loss": float(output.loss.detach()), **output.metrics}.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / cfg.grad_accumulation
+            losses.append(output.loss.detach().float())
+            for key, value in output.metrics.items():
+                if isinstance(value, torch.Tensor):  # read back below, with the loss, in one wait
+                    device_metrics.setdefault(key, []).append(value.detach().float().reshape(()))
+                else:
+                    step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / cfg.grad_accumulation
         scaler.unscale_(optimizer)
         # One pass over the gradients gives the norm (logged), the clipping, and the fault check.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        grad_norm_tensor = torch.nn.utils.clip_grad_norm_(
+            student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        done = step + 1
+        checkpoint_due = bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
+        if not checkpoint_due and not method.data_changes_after_step:
+            # The next batch is collated while the device still works on this step. Never before a
+            # checkpoint: the data position saved there must be the one after this step.
+            prefetched = next(batches)
+        # The step's one wait for the device: loss, gradient norm and the method's tensor metrics
+        # read back together.
+        here = losses[0].device
+        loss_value, grad_norm, *values = torch.stack(
+            [sum(losses) / cfg.grad_accumulation, grad_norm_tensor.detach().float().to(here),
+             *(sum(v).to(here) / cfg.grad_accumulation for v in device_metrics.values())]).tolist()
+        step_metrics.update(zip(device_metrics, values))
+        step_metrics["loss"] = loss_value
         step_metrics["grad_norm"] = grad_norm
         # Under fp16 an overflowing gradient is the loss scaler's business (it skips the step).
         finite = math.isfinite(step_metrics["loss"]) and (cfg.precision == "fp16" or math.isfinite(grad_norm))
-        done = step + 1
         if not finite and cfg.nonfinite == "stop":
             raise TrainingFailed(
                 f"non-finite {'loss' if not math.isfinite(step_metrics['loss']) else 'gradient'} at step {done} "
@@ -347,7 +368,7 @@ def train(
         bar.update(done, final_loss, images_per_second)
         if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
             sample_grid(done)
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
+        if checkpoint_due:
             checkpoint = save_checkpoint(done)
         if on_step is not None:
             on_step(done)

@@ -168,7 +168,7 @@ def catch_up_loss(
     n = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t, delta = draw_times(n, generator, config, heads, device=x0.device, dtype=x0.dtype)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float | torch.Tensor] = {}
 
     kl = None
     if config.coupling == "encoder":
@@ -176,7 +176,7 @@ def catch_up_loss(
         mu, logvar = unwrap(student).encoder(x0, cond)
         eps = mu + torch.exp(0.5 * logvar) * noise
         kl = gaussian_kl(mu, logvar)
-        metrics["kl"] = float(kl.detach())
+        metrics["kl"] = kl.detach()
     else:
         eps = noise
     t_b = _per_sample(t, x0)
@@ -193,7 +193,7 @@ def catch_up_loss(
     if config.boundary_mask:
         near_data = _per_sample(t < config.t_min + mask_reach(tableau, heads) * delta, x0)
         targets = [torch.where(near_data, v_star, y) for y in targets]
-        metrics["boundary_fraction"] = float(near_data.float().mean())
+        metrics["boundary_fraction"] = near_data.float().mean()
 
     c = huber_constant(config, x0)
     catch_up = sum(distance(p, y, config.distance, c) for p, y in zip(predictions, targets))
@@ -204,9 +204,9 @@ def catch_up_loss(
         loss = loss + config.kl_weight * kl
     metrics.update(
         {
-            "loss_catch_up": float(catch_up.detach()),
-            "loss_ground_truth": float(ground_truth.detach()),
-            "delta_mean": float(delta.mean()),
+            "loss_catch_up": catch_up.detach(),
+            "loss_ground_truth": ground_truth.detach(),
+            "delta_mean": delta.mean(),
             "weight_catch_up": float(w_cu),
             "weight_ground_truth": float(w_gt),
         }

@@ -212,6 +212,7 @@ class CUDStage2(Method):
     name = "cud-stage2"
     config_class = CUDStage2Config
     requires_teacher = True
+    data_changes_after_step = True  # after_step switches the phase whose targets the loader yields
 
     def __init__(self, config: CUDStage2Config, context):
         super().__init__(config, context)

@@ -144,6 +144,21 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def add_run_options(parser, device: str = "cpu") -> None:
+    """The options every benchmark takes: where it runs, how many threads, its time budget, --out."""
+    parser.add_argument("--device", default=device, help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--time-limit", type=float, default=0, help="seconds; parts that no longer fit are skipped")
+    parser.add_argument("--out", default="", help="markdown file to write; the numbers go to the same name .json")
+
+
+def start(args) -> tuple[torch.device, "Deadline"]:
+    """Apply the run options: (device, deadline)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device), Deadline(args.time_limit)
+
+
 class Deadline:
     """A time budget for a whole script (the GPU call has a hard limit): sections ask whether
     they still fit and are skipped, with a note, when they do not."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import Deadline, command_line, header, machine, median, pick_device, write_result
+from _common import add_run_options, command_line, header, machine, median, start, write_result
 from _training import PRESETS, SyntheticImages, config_tree, make_teacher, time_training, variant_parts
 from distillkit import get_registries
 
@@ -76,22 +76,16 @@ def _needs_teacher(method: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="CPU: skip the per-method peak-memory processes")
-    parser.add_argument("--time-limit", type=float, default=0)
-    parser.add_argument("--out", default="")
+    add_run_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    deadline = Deadline(args.time_limit)
+    device, deadline = start(args)
     labels = [v for v in args.variants.split(",") if v]
     if "fm" not in labels:
         labels.insert(0, "fm")

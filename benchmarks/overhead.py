@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from _common import Deadline, command_line, fail, header, interleaved, machine, median, pick_device, spread, write_result
+from _common import add_run_options, command_line, fail, header, interleaved, machine, median, spread, start, write_result
 from _training import PRESETS, SyntheticImages, config_tree, time_training
 from distillkit import get_registries
 from distillkit.config import run_config_from_dict
@@ -104,7 +104,6 @@ def hand_written(label: str, tree: dict, data: torch.Tensor, device: torch.devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
@@ -113,17 +112,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="alternating measurements of each loop")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--time-limit", type=float, default=0, help="seconds; variants that no longer fit are skipped")
-    parser.add_argument("--out", default="")
+    add_run_options(parser)
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     if unknown := [v for v in variants if v not in VARIANTS]:
         fail(f"--variants {unknown[0]}: not one of {', '.join(VARIANTS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    deadline = Deadline(args.time_limit)
+    device, deadline = start(args)
     preset = PRESETS[args.preset]
     dataset = SyntheticImages(preset["shape"], count=max(4 * preset["batch"], 1024))
     info = machine(device)

@@ -3,8 +3,9 @@
 For each NFE (Euler steps on the uniform grid) three ways to draw ``--count`` samples in batches of
 ``--batch`` are timed alternately:
 
-- **raw forward**: ``NFE`` calls of the network per batch on noise already on the device (no
-  integrator, no noise generation): the floor any sampler pays;
+- **raw forward**: ``NFE`` chained calls of the network per batch (each on the previous output)
+  starting from noise already on the device (no integrator, no noise generation): the floor any
+  sampler pays;
 - **sample_ode**: ``distillkit.sampling.sample_ode`` on noise already on the device (the
   integrator's own overhead);
 - **sample_seeded**: what ``distillkit sample`` / ``eval`` run: per-sample seeded noise drawn on the
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from _common import Deadline, command_line, header, interleaved, machine, median, pick_device, spread, synchronize, write_result
+from _common import add_run_options, command_line, header, interleaved, machine, median, spread, start, synchronize, write_result
 from _training import PRESETS, config_tree
 from distillkit import DataSpec, get_registries
 from distillkit.config import run_config_from_dict
@@ -45,7 +46,6 @@ def build_sampler_network(preset: str, device: torch.device):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="cifar10-small", choices=sorted(PRESETS))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32"))
     parser.add_argument("--nfe", default="1,2,4")
@@ -53,15 +53,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000, help="samples per timed measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--full-count", type=int, default=50_000, help="samples of the end-to-end timing (0: skip)")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--time-limit", type=float, default=0)
-    parser.add_argument("--out", default="")
+    add_run_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device, deadline = start(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
-    deadline = Deadline(args.time_limit)
     velocity, net, spec = build_sampler_network(args.preset, device)
     info = machine(device)
     nfes = [int(k) for k in args.nfe.split(",")]
@@ -90,9 +85,10 @@ def main() -> None:
         def raw():
             for chunk in noise.split(args.batch):
                 t = torch.ones(len(chunk), device=device)
+                x = chunk
                 for _ in range(nfe):
-                    out = net(chunk, t)
-            return out
+                    x = net(x, t)  # each pass reads the previous one's output, as in a sampler
+            return x
 
         measures = {
             "raw forward": lambda: rate(raw),

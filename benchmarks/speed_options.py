@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from _common import Deadline, command_line, fail, header, interleaved, machine, median, pick_device, spread, write_result
+from _common import add_run_options, command_line, fail, header, interleaved, machine, median, spread, start, write_result
 from _training import PRESETS, SyntheticImages, config_tree, time_training
 
 SETTINGS = {
@@ -32,7 +30,6 @@ COMPILED = {"tf32 + compile": {"precision": "tf32", "compile": True},
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
     parser.add_argument("--method", default="fm", help="a variant label: fm, cud-rk3, ...")
     parser.add_argument("--warmup", type=int, default=5)
@@ -42,14 +39,9 @@ def main() -> None:
     parser.add_argument("--compile", default="tf32 + compile", help=f"compiled settings to try, comma-separated "
                         f"({', '.join(COMPILED)}), or none")
     parser.add_argument("--compile-budget", type=float, default=150, help="seconds a compiled setting needs left to start")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--time-limit", type=float, default=0)
-    parser.add_argument("--out", default="")
+    add_run_options(parser, device="cuda")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    deadline = Deadline(args.time_limit)
+    device, deadline = start(args)
     preset = PRESETS[args.preset]
     dataset = SyntheticImages(preset["shape"], count=4 * preset["batch"])
     info = machine(device)

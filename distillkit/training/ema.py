@@ -6,7 +6,7 @@ used for it in checkpoints, in MLflow and on the command line (``--weights``).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -47,21 +47,30 @@ class ExponentialAverage(AveragedModel):
         super().__init__(student, use_buffers=True)
         self.decay_at = decay_at
         self.updates = 0
+        self._pairs: Optional[tuple] = None  # the tensor lists of (model, averaged), built once
+
+    def _tensor_pairs(self, model: nn.Module) -> tuple:
+        """(model, all averaged, all current, floating averaged, floating current, other averaged,
+        other current): walking a large network's modules on every step costs more than the update."""
+        if self._pairs is None or self._pairs[0] is not model:
+            averaged = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
+            current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+            floating = [t.is_floating_point() for t in averaged]
+            self._pairs = (model, averaged, current,
+                           [a for a, f in zip(averaged, floating) if f], [c for c, f in zip(current, floating) if f],
+                           [a for a, f in zip(averaged, floating) if not f], [c for c, f in zip(current, floating) if not f])
+        return self._pairs
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        averaged = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
-        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        _, averaged, current, float_avg, float_cur, other_avg, other_cur = self._tensor_pairs(model)
         if self.updates == 0:
             torch._foreach_copy_(averaged, current)
         else:
-            if floating:
-                torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating],
-                                     1.0 - self.decay_at(self.updates))
-            others = [i for i in range(len(averaged)) if not averaged[i].is_floating_point()]
-            if others:
-                torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
+            if float_avg:
+                torch._foreach_lerp_(float_avg, float_cur, 1.0 - self.decay_at(self.updates))
+            if other_avg:
+                torch._foreach_copy_(other_avg, other_cur)
         self.n_averaged += 1
         self.updates += 1
 

@@ -187,7 +187,8 @@ def train(
 
     emas = make_emas(student, cfg.ema_decay, cfg.ema_halflife_images, cfg.ema_rampup_ratio, cfg.batch_size)
     default_ema = next(iter(emas))
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    parameters = list(student.parameters())  # walked once: a large network has thousands of modules
+    optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(cfg.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     model: torch.nn.Module = student
@@ -313,7 +314,7 @@ def train(
         scaler.unscale_(optimizer)
         # One pass over the gradients gives the norm (logged), the clipping, and the fault check.
         grad_norm_tensor = torch.nn.utils.clip_grad_norm_(
-            student.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            parameters, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         done = step + 1
         checkpoint_due = bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
         if not checkpoint_due and not method.data_changes_after_step:

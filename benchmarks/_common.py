@@ -144,6 +144,26 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def split_variant(label: str, registries) -> Optional[tuple[str, Optional[str]]]:
+    """A variant label -> (method, integrator or None), or None if it names no variant: a
+    registered method (names may contain '-': rf-distill), or METHOD-INTEGRATOR for a method that
+    trains with an integrator (cud-rk3)."""
+    methods, integrators = registries.methods, registries.integrators
+    if label in methods:
+        return label, None
+    method, _, integrator = label.rpartition("-")
+    if method in methods and integrator in integrators and methods.get(method).uses_integrator:
+        return method, integrator
+    return None
+
+
+def variants_allowed(registries) -> str:
+    methods, integrators = registries.methods, registries.integrators
+    with_integrator = [m for m in methods.names() if methods.get(m).uses_integrator]
+    return (f"METHOD or METHOD-INTEGRATOR; METHOD one of {', '.join(methods.names())}; INTEGRATOR "
+            f"({', '.join(integrators.names())}) only for {', '.join(with_integrator)}")
+
+
 def add_run_options(parser, device: str = "cpu") -> None:
     """The options every benchmark takes: where it runs, how many threads, its time budget, --out."""
     parser.add_argument("--device", default=device, help="cpu, cuda, cuda:N or auto")

@@ -24,7 +24,7 @@ from distillkit.teachers import load_teacher
 from distillkit.tracking import NullTracker
 from distillkit.training.trainer import train
 
-from _common import fail, synchronize
+from _common import fail, split_variant, synchronize, variants_allowed
 
 #: Data shapes and networks of the benchmark presets: the CPU default (the digits U-Net users
 #: train first) and the CIFAR-10 scale the papers use (EDM's DDPM++ network, batch 128).
@@ -73,15 +73,11 @@ class SyntheticImages(Dataset):
 
 
 def variant_parts(label: str) -> tuple[str, Optional[str]]:
-    """``cud-rk3`` -> (cud, rk3); ``rf-distill`` -> (rf-distill, None): the longest registered
-    method name that the label starts with, the rest (if any) an integrator."""
-    methods = get_registries().methods.names()
-    for name in sorted(methods, key=len, reverse=True):
-        if label == name:
-            return name, None
-        if label.startswith(name + "-") and label[len(name) + 1:] in get_registries().integrators.names():
-            return name, label[len(name) + 1:]
-    fail(f"variant {label!r}: not a registered method, or METHOD-INTEGRATOR; methods: {', '.join(methods)}")
+    """``cud-rk3`` -> (cud, rk3); ``rf-distill`` -> (rf-distill, None); else one line, exit 2."""
+    parts = split_variant(label, get_registries())
+    if parts is None:
+        fail(f"variant {label!r}: not one of {variants_allowed(get_registries())}")
+    return parts
 
 
 def config_tree(label: str, preset: str, *, device: torch.device, steps: int, batch: Optional[int] = None,

@@ -68,25 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parse_variants(text: str, registries):
-    """Labels -> comparison.Variant: a method name, or METHOD-INTEGRATOR for methods that train with
-    an integrator. Method names may contain '-' (rf-distill), so whole names are tried first."""
+    """Labels -> comparison.Variant (``_common.split_variant`` says which labels name a variant)."""
     from distillkit.comparison import Variant
 
-    methods, integrators = registries.methods, registries.integrators
-    with_integrator = [m for m in methods.names() if methods.get(m).uses_integrator]
-    allowed = (f"METHOD or METHOD-INTEGRATOR; METHOD one of {', '.join(methods.names())}; INTEGRATOR "
-               f"({', '.join(integrators.names())}) only for {', '.join(with_integrator)}")
     out = []
     for label in dict.fromkeys(p.strip() for p in text.split(",") if p.strip()):
-        method, _, integrator = label.rpartition("-")
-        if label in methods:
-            out.append(Variant(label, None))
-        elif method in methods and integrator in integrators and methods.get(method).uses_integrator:
-            out.append(Variant(method, integrator))
-        else:
-            raise ConfigError("--variants", label, allowed)
+        parts = _common.split_variant(label, registries)
+        if parts is None:
+            raise ConfigError("--variants", label, _common.variants_allowed(registries))
+        out.append(Variant(*parts))
     if not out:
-        raise ConfigError("--variants", text, allowed)
+        raise ConfigError("--variants", text, _common.variants_allowed(registries))
     return out
 
 

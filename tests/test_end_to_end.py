@@ -20,6 +20,7 @@ def test_cud_run_is_tracked_in_mlflow_with_params_metrics_and_artifacts(capsys, 
     ])
     out = capsys.readouterr().out
     assert code == 0
+    assert "cud (rk2) on digits: final training loss" in out
     run_id = re.search(r"MLflow run: (\w+)", out).group(1)
     uri = f"sqlite:///{runs.resolve() / 'mlflow.db'}"
     assert f"mlflow ui --backend-store-uri {uri}" in out
@@ -72,7 +73,9 @@ def test_flow_matching_learns_the_toy_mixture(tmp_path, capsys):
         assert main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", str(steps), "--no-track",
                      "--quiet", "--runs-dir", str(tmp_path), "--nfe", "8", "--set", "sample.num_samples=400",
                      "--set", "sample.reference_steps=4"]) == 0
-        return float(re.search(r"^\s+8\s+8\s+([\d.]+)", capsys.readouterr().out, re.M).group(1))
+        out = capsys.readouterr().out
+        assert "fm on toy2d: final training loss" in out  # no "(euler)": fm takes no integrator
+        return float(re.search(r"^\s+8\s+8\s+([\d.]+)", out, re.M).group(1))
 
     untrained, trained = energy_at_8(1), energy_at_8(400)
     assert trained < 0.05 and trained < untrained / 4

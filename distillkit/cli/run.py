@@ -190,7 +190,8 @@ def _train(args, resolved: Resolved, resume_payload, resume_path) -> int:
     print()
     if result.resumed_from_step:
         print(f"resumed at step {result.resumed_from_step} from {resume_path}")
-    print(f"{config.method} ({config.integrator}) on {config.dataset}: final training loss {result.final_loss:.4f}, "
+    variant = f" ({config.integrator})" if resolved.method_cls.uses_integrator else ""
+    print(f"{config.method}{variant} on {config.dataset}: final training loss {result.final_loss:.4f}, "
           f"{result.images_per_second:.0f} images/s")
     print(f"quality per NFE ({resolved.sample_integrator.name} sampler, {config.sample.num_samples} samples, EMA weights; "
           f"ode_error: RMS distance to a {config.sample.reference_steps}-step "

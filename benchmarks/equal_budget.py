@@ -90,12 +90,12 @@ class Plan:
         from distillkit.comparison import Override, Variant, child_identity, child_tree
         from distillkit.config import run_config_from_dict
         from distillkit.plugin_manager import get_registries
-        from distillkit.resolve import _lookup, resolve
+        from distillkit.resolve import lookup, resolve
         from distillkit.sampling import steps_for_nfe
         from distillkit.training.build import build_dataset
 
         registries = get_registries()
-        _lookup(registries.datasets, "--dataset", args.dataset)
+        lookup(registries.datasets, "--dataset", args.dataset)
         self.variants = parse_variants(args.variants, registries)
         self.budget = parse_positive(args.budget_images, "--budget-images")
         self.teacher_images = parse_positive(args.teacher_images, "--teacher-images") if args.teacher_images else self.budget
@@ -117,12 +117,12 @@ class Plan:
             base["backbone"] = args.backbone
         self.runs = []  # (variant, requires_teacher, tree, resolved)
         for variant in self.variants:
-            needs = _lookup(registries.methods, "method", variant.method).requires_teacher
+            needs = lookup(registries.methods, "method", variant.method).requires_teacher
             tree = child_tree(base, variant, [o for o in overrides if o.target != "teacher"],
                               teacher=PLACEHOLDER_TEACHER, requires_teacher=needs, budget_images=self.budget)
             # NFEs the sampler cannot do, named as --nfe (resolve would name sample.nfe).
             sampler = run_config_from_dict(tree).sample.integrator
-            tableau = _lookup(registries.integrators, "sample.integrator", sampler)
+            tableau = lookup(registries.integrators, "sample.integrator", sampler)
             for nfe in self.nfes:
                 try:
                     steps_for_nfe(tableau, nfe)

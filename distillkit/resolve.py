@@ -37,7 +37,7 @@ class Resolved:
         return tree
 
 
-def _lookup(registry, option: str, name: str):
+def lookup(registry, option: str, name: str):
     try:
         return registry.get(name)
     except UnknownNameError as exc:
@@ -46,12 +46,12 @@ def _lookup(registry, option: str, name: str):
 
 
 def resolve(config: RunConfig, registries: Registries) -> Resolved:
-    method_cls = _lookup(registries.methods, "method", config.method)
-    dataset_cls = _lookup(registries.datasets, "dataset", config.dataset)
+    method_cls = lookup(registries.methods, "method", config.method)
+    dataset_cls = lookup(registries.datasets, "dataset", config.dataset)
     backbone_name = dataset_cls.default_backbone if config.backbone == "auto" else config.backbone
-    backbone_cls = _lookup(registries.backbones, "backbone", backbone_name)
-    integrator = _lookup(registries.integrators, "integrator", config.integrator)
-    sample_integrator = _lookup(registries.integrators, "sample.integrator", config.sample.integrator)
+    backbone_cls = lookup(registries.backbones, "backbone", backbone_name)
+    integrator = lookup(registries.integrators, "integrator", config.integrator)
+    sample_integrator = lookup(registries.integrators, "sample.integrator", config.sample.integrator)
     if method_cls.requires_teacher and not config.teacher:
         names = ", ".join(registries.teachers.names()) or "none installed"
         raise ConfigError(
@@ -60,7 +60,7 @@ def resolve(config: RunConfig, registries: Registries) -> Resolved:
         )
     if config.teacher and not method_cls.requires_teacher:
         raise ConfigError("teacher", config.teacher, f"empty: method {config.method} does not use a teacher")
-    _lookup(registries.integrators, "sample.reference_integrator", config.sample.reference_integrator)
+    lookup(registries.integrators, "sample.reference_integrator", config.sample.reference_integrator)
     grids_during_training = config.train.sample_nfe if config.train.sample_every else ()
     for option, nfes in (("sample.nfe", config.sample.nfe), ("train.sample_nfe", grids_during_training)):
         for nfe in nfes:

@@ -69,16 +69,16 @@ class _Plan:
         from ..comparison import Override, child_identity, child_tree, parent_identity, variants
         from ..config import default_runs_dir, run_config_from_dict
         from ..plugin_manager import get_registries
-        from ..resolve import _lookup, resolve
+        from ..resolve import lookup, resolve
 
         self.args = args
         registries = get_registries()
         self.methods = _names(args.methods, "--methods")
         self.integrators = _names(args.integrators, "--integrators") if args.integrators else []
         for integrator in self.integrators:
-            _lookup(registries.integrators, "--integrators", integrator)
-        classes = {m: _lookup(registries.methods, "--methods", m) for m in self.methods}
-        _lookup(registries.datasets, "--dataset", args.dataset)
+            lookup(registries.integrators, "--integrators", integrator)
+        classes = {m: lookup(registries.methods, "--methods", m) for m in self.methods}
+        lookup(registries.datasets, "--dataset", args.dataset)
         self.budget = parse_positive(args.budget_images, "--budget-images")
         self.nfes = list(parse_nfe(args.nfe))
         self.overrides = [Override.parse(item) for item in args.overrides]
@@ -289,7 +289,7 @@ def command(args: argparse.Namespace) -> int:
     from ..training.build import build_dataset
     from ..tracking import MlflowTracker, resolve_tracking_uri, ui_command
     from .evaluate import check_device, default_metrics
-    from .run import _check_writable
+    from .run import check_writable
 
     plan = _Plan(args)
     first = plan.children[0][1]
@@ -303,7 +303,7 @@ def command(args: argparse.Namespace) -> int:
     references = _prepare_references(plan, metrics, device, spec)
     tracking_uri = resolve_tracking_uri(args.tracking_uri, plan.runs_dir)
     teachers = _load_teachers(plan, spec, device, tracking_uri)
-    _check_writable(plan.runs_dir)
+    check_writable(plan.runs_dir)
 
     parent_tags = {comparison.PARENT_TAG: plan.parent_identity, "distillkit.compare": "parent",
                    "distillkit.dataset": args.dataset}

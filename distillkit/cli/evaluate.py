@@ -133,10 +133,10 @@ def check_device(name: str) -> torch.device:
     import types
 
     from ..config import _device  # the RunConfig validator: one vocabulary for --device everywhere
-    from .run import _check_device
+    from .run import check_device_available
 
     _device(None, types.SimpleNamespace(name="--device"), name)
-    return _check_device(name)
+    return check_device_available(name)
 
 
 def open_run(reference: str, *, runs_dir: str, tracking_uri: str, weights: str, device: str) -> OpenedRun:
@@ -381,14 +381,14 @@ def evaluate_model(
     from ..integrators.grids import uniform_grid
     from ..metrics import energy_distance, frechet_distance, ode_error
     from ..plugin_manager import get_registries
-    from ..resolve import _lookup
+    from ..resolve import lookup
     from ..sampling import sampling_grid, steps_for_nfe
     from ..teachers import load_teacher
 
     resolved = trained.resolved
     config = resolved.config
     registries = get_registries()
-    tableau = _lookup(registries.integrators, "--integrator", settings.integrator)
+    tableau = lookup(registries.integrators, "--integrator", settings.integrator)
     _check_applicable(trained, settings, tableau)
     metrics = settings.metrics
     prefix = metric_prefix(trained, settings, tableau)

@@ -48,14 +48,14 @@ def command(args: argparse.Namespace, extractor=None) -> int:
     from .. import fid
     from ..config import build_attrs
     from ..plugin_manager import get_registries
-    from ..resolve import _lookup
+    from ..resolve import lookup
     from .evaluate import _non_negative, check_device, parse_positive
 
     n = parse_positive(args.n, "--n")
     seed = _non_negative(args.seed, "--seed")
     batch_size = parse_positive(args.batch_size, "--batch-size")
     options = dataset_options(args.overrides)
-    cls = _lookup(get_registries().datasets, "--dataset", args.dataset)
+    cls = lookup(get_registries().datasets, "--dataset", args.dataset)
     config = build_attrs(cls.config_class, options, "dataset_options.")
     device = check_device(args.device)
     dataset = cls(config, args.data_root or None)

@@ -29,7 +29,7 @@ RESUMABLE = {
 }
 
 
-def _check_writable(directory: Path) -> None:
+def check_writable(directory: Path) -> None:
     """Fail before any work when the runs directory cannot be written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,9 @@ def _check_writable(directory: Path) -> None:
         raise UsageError(f"runs directory {directory} is not writable ({exc.strerror or exc})") from None
 
 
-def _check_device(name: str):
+def check_device_available(name: str):
+    """The torch device ``name`` (already a valid --device value) names, if this machine has it;
+    else a one-line ConfigError naming what it has."""
     import torch
 
     from ..training.build import pick_device
@@ -140,7 +142,7 @@ def _train(args, resolved: Resolved, resume_payload, resume_path) -> int:
     from ..training.trainer import train
 
     config = resolved.config
-    _check_device(config.device)
+    check_device_available(config.device)
     if not args.no_track:  # an unreachable server is found before anything is written
         from ..tracking import check_reachable
 
@@ -158,7 +160,7 @@ def _train(args, resolved: Resolved, resume_payload, resume_path) -> int:
             )
             teacher = load_teacher(config.teacher, get_registries(), context)
         if distributed.is_main:
-            _check_writable(runs_dir)
+            check_writable(runs_dir)
 
         tracking_uri = ""
         previous_run = resume_payload.get("run_id") if resume_payload else None

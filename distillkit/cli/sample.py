@@ -121,7 +121,7 @@ def save_npz(samples: dict[int, torch.Tensor], path: Path, *, seeds: torch.Tenso
 def command(args: argparse.Namespace) -> int:
     from ..evaluation import class_labels, sample_seeded
     from ..plugin_manager import get_registries
-    from ..resolve import _lookup
+    from ..resolve import lookup
     from ..sampling import sampling_grid, steps_for_nfe
 
     nfes = parse_nfe(args.nfe)
@@ -134,7 +134,7 @@ def command(args: argparse.Namespace) -> int:
     config = trained.resolved.config
     seed = _non_negative(args.seed, "--seed") if args.seed != "" else config.sample.seed
     grid = parse_grid(args.grid, config.sample.grid)
-    tableau = _lookup(get_registries().integrators, "--integrator", args.integrator or config.sample.integrator)
+    tableau = lookup(get_registries().integrators, "--integrator", args.integrator or config.sample.integrator)
     for nfe in nfes:
         try:
             steps_for_nfe(tableau, nfe)

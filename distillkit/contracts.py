@@ -274,6 +274,12 @@ class Method(_Named):
         """Network evaluations spent per training step: ``with_grad`` and ``no_grad`` passes."""
         return {"with_grad": 1, "no_grad": 0}
 
+    def network_evals_once(self) -> int:
+        """Network evaluations behind the data this method trains on, spent once before the first
+        step (a teacher's generated pairs or trajectories), whether generated in this run or
+        loaded from an earlier one: a per-step count alone would hide them."""
+        return 0
+
     def tags(self) -> dict[str, str]:
         """Extra MLflow tags describing this method's variant."""
         return {}

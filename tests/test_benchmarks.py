@@ -61,6 +61,8 @@ def test_method_cost_counts_network_evaluations(tmp_path):
     # The paper's RK3: three stage slopes and three look-ahead targets without gradient.
     assert rows["cud-rk3"]["evals"] == {"with_grad": 1, "no_grad": 6}
     assert rows["fm"]["relative_time"] == pytest.approx(1.0)
+    # The pairs rf-distill trains on cost the teacher num_pairs x pair_nfe evaluations (defaults 10,000 x 32).
+    assert rows["rf-distill"]["evals_once"] == 10_000 * 32 and rows["fm"]["evals_once"] == 0
     for row in rows.values():
         assert finite_positive(row["images_per_second"]) and finite_positive(row["relative_time"])
 

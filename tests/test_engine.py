@@ -212,7 +212,9 @@ def test_ema_update_is_the_closed_form_with_integer_buffers_copied_and_resumes()
 
 def test_named_emas_and_images_seen_in_the_checkpoint(tmp_path):
     tree = {**TREE, "train": {**TREE["train"], "ema_decay": [0.5], "ema_halflife_images": 1000.0, "checkpoint_every": 0}}
-    result = train(resolved(tree), NullTracker(), tmp_path, progress=False)
+    tracker = NullTracker()
+    result = train(resolved(tree), tracker, tmp_path, progress=False)
+    assert tracker.metrics["cost/network_evals_once"] == [(0, 0.0)]  # this method generates no data
     payload = load_checkpoint(result.checkpoint)
     assert list(payload["emas"]) == ["ema_0.5", "ema_hl1000"] and payload["default_ema"] == "ema_0.5"
     assert payload["images_seen"] == 16 * 64

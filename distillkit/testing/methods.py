@@ -308,5 +308,7 @@ class MethodConformance:
         evals = setup.method.network_evals_per_step()
         assert set(evals) == {"with_grad", "no_grad"}
         assert all(isinstance(v, int) and v >= 0 for v in evals.values()) and evals["with_grad"] >= 1
+        once = setup.method.network_evals_once()
+        assert isinstance(once, int) and once >= 0
         tags = setup.method.tags()
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items())

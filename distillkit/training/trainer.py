@@ -224,12 +224,14 @@ def train(
         tracker.set_tags(tags)
         tracker.log_metrics({"cost/network_evals_with_grad": evals["with_grad"],
                              "cost/network_evals_no_grad": evals["no_grad"],
+                             "cost/network_evals_once": method.network_evals_once(),
                              "model/parameters": count_parameters(student)}, step=0)
     if distributed.is_main:
         log(f"distillkit: {config.method} on {config.dataset} with {resolved.backbone_name} "
             f"({count_parameters(student):,} parameters), {cfg.max_steps} steps of {cfg.batch_size}"
             f"{f' on {world} processes' if world > 1 else ''}, {evals['with_grad']} forward+backward and "
             f"{evals['no_grad']} no-grad network evaluations per step"
+            + (f" (plus {method.network_evals_once():,} once, for the data it trains on)" if method.network_evals_once() else "")
             + (f"; resuming at step {start_step}" if start_step else ""))
 
     fixed_noise = prior_noise(_GRID_IMAGES, dataset.spec.shape, config.sample.seed, device=device)

@@ -412,6 +412,9 @@ class CUDStage2(Method):
     def network_evals_per_step(self):
         return {"with_grad": 1, "no_grad": 1 if self.config.regulariser_weight > 0 else 0}
 
+    def network_evals_once(self) -> int:
+        return self.config.num_trajectories * self.config.trajectory_steps  # one Euler pass per step
+
     def tags(self):
         tags = {
             "distillkit.cud_stage2.phase_indices": ",".join(map(str, self.config.phase_indices)),

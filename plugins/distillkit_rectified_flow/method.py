@@ -129,6 +129,9 @@ class _PairMethod(Method):
             "num_pairs": self.config.num_pairs,
         }
 
+    def network_evals_once(self) -> int:
+        return self.config.num_pairs * self.config.pair_nfe  # the teacher's solves that made the pairs
+
     def _matches(self, payload: dict[str, Any], wanted: dict[str, Any]) -> bool:
         found = {k: payload.get(k) for k in wanted if k != "num_pairs"} | {"num_pairs": len(payload["x"])}
         return found == wanted

@@ -11,7 +11,7 @@ import hashlib
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import attrs
 import torch

@@ -1,7 +1,6 @@
 """The training engine: exact resume, atomic checkpoints, retention, EMAs, DDP with gloo."""
 
 import os
-import re
 import signal
 import subprocess
 import sys

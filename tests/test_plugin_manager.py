@@ -1,7 +1,5 @@
 """Plugin loading: built-ins through entry points, broken plugins reported and never fatal."""
 
-import sys
-import textwrap
 import types
 
 import pytest

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import distillkit
 from distillkit import LossOutput, Method, hookimpl
 from distillkit import plugin_manager
 from distillkit.cli.main import main

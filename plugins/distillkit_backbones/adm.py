@@ -30,7 +30,7 @@ from torch import nn
 import distillkit
 from distillkit import Backbone, DataSpec
 
-from .embeddings import _is_int, check_labels, positive_int, scale_last_layer_, time_per_sample
+from .embeddings import _is_int, checked_inputs, positive_int, scale_last_layer_
 from .layers import (
     boolean,
     concat_skip,
@@ -353,11 +353,8 @@ class ADM(Backbone):
         *,
         return_features: bool = False,
     ):
-        if x.shape[1:] != self.data.shape:
-            raise ValueError(f"expected images of shape {self.data.shape}; got {tuple(x.shape[1:])}")
+        t = checked_inputs(x, t, cond, self.data)
         batch, _, height, width = x.shape
-        t = time_per_sample(t, batch, x)
-        check_labels(cond, self.data.num_classes, batch)
         embedding = self.time_embedding(timestep_embedding(t, self.config.channels, self.config.max_period))
         if self.label_embedding is not None:
             embedding = embedding + self.label_embedding(cond)

@@ -90,6 +90,17 @@ def check_labels(cond: Optional[torch.Tensor], num_classes: Optional[int], batch
         )
 
 
+def checked_inputs(x: torch.Tensor, t, cond: Optional[torch.Tensor], data) -> torch.Tensor:
+    """Every backbone's input contract in one place: ``x`` of the data's shape, ``t`` (returned as
+    one time per sample), ``cond`` labels exactly when the data has classes."""
+    if x.shape[1:] != data.shape:
+        kind = "images" if data.is_image else "vectors"
+        raise ValueError(f"expected {kind} of shape {data.shape}; got {tuple(x.shape[1:])}")
+    batch = x.shape[0]
+    check_labels(cond, data.num_classes, batch)
+    return time_per_sample(t, batch, x)
+
+
 def scale_last_layer_(layer: nn.Module, scale: float = 1e-5) -> None:
     """Shrink a freshly initialised layer so that a new output head starts as a tiny perturbation
     (the DDPM++ ``init_scale`` of its last convolution). The weights stay non-zero so that the

@@ -26,12 +26,11 @@ from distillkit import Backbone, DataSpec
 
 from .embeddings import (
     ConditionEmbedding,
-    check_labels,
+    checked_inputs,
     dropout_probability,
     positive_even_int,
     positive_int,
     scale_last_layer_,
-    time_per_sample,
     to_float,
 )
 
@@ -101,11 +100,7 @@ class MLP(Backbone):
         *,
         return_features: bool = False,
     ):
-        if x.shape[1:] != self.data.shape:
-            raise ValueError(f"expected vectors of shape {self.data.shape}; got {tuple(x.shape[1:])}")
-        batch = x.shape[0]
-        t = time_per_sample(t, batch, x)
-        check_labels(cond, self.data.num_classes, batch)
+        t = checked_inputs(x, t, cond, self.data)
         embedding = self.condition_embedding(t, cond)
         h = self.input_projection(x)
         for block in self.blocks:

@@ -47,10 +47,9 @@ from distillkit import Backbone, DataSpec
 from .embeddings import (
     PositionalEmbedding,
     _is_int,
-    check_labels,
+    checked_inputs,
     positive_int,
     scale_last_layer_,
-    time_per_sample,
 )
 from .layers import (
     Resample,
@@ -309,11 +308,8 @@ class SongUNet(Backbone):
         *,
         return_features: bool = False,
     ):
-        if x.shape[1:] != self.data.shape:
-            raise ValueError(f"expected images of shape {self.data.shape}; got {tuple(x.shape[1:])}")
+        t = checked_inputs(x, t, cond, self.data)
         batch, _, height, width = x.shape
-        t = time_per_sample(t, batch, x)
-        check_labels(cond, self.data.num_classes, batch)
         embedding = self.embed(t, cond)
         factors = shakedrop_scale(t, self.config.phi) if self.config.shakedrop else None
 

@@ -32,14 +32,13 @@ from distillkit import Backbone, DataSpec
 
 from .embeddings import (
     ConditionEmbedding,
-    check_labels,
+    checked_inputs,
     dropout_probability,
     optional_positive_int,
     positive_even_int,
     positive_int,
     positive_int_tuple,
     scale_last_layer_,
-    time_per_sample,
     to_float,
     to_tuple,
 )
@@ -149,11 +148,8 @@ class UNet(Backbone):
         *,
         return_features: bool = False,
     ):
-        if x.shape[1:] != self.data.shape:
-            raise ValueError(f"expected images of shape {self.data.shape}; got {tuple(x.shape[1:])}")
+        t = checked_inputs(x, t, cond, self.data)
         batch, _, height, width = x.shape
-        t = time_per_sample(t, batch, x)
-        check_labels(cond, self.data.num_classes, batch)
         embedding = self.condition_embedding(t, cond)
 
         pad_h = -height % self.resolution_factor

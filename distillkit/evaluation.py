@@ -168,20 +168,22 @@ def sample_seeded(
 
     device = torch.device(device)
     asynchronous = device.type == "cuda"
-    parts, pending = [], None
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        # Drawn on the CPU while the GPU still integrates the previous batch: the copy is
-        # non-blocking from pinned memory and that batch is fetched back only after this one is queued.
-        noise = prior_noise(count, spec.shape, seed + start)
-        noise = noise.pin_memory().to(device, non_blocking=True) if asynchronous else noise.to(device)
-        cond = None if labels is None else labels[start : start + count].to(device)
-        result = integrate(velocity_for(cond), noise, time_grid, integrator)
-        if pending is not None:
-            parts.append(pending.cpu())
-        pending = result
-    if pending is not None:
-        parts.append(pending.cpu())
+
+    def noise_at(start: int) -> torch.Tensor:
+        noise = prior_noise(min(batch_size, n - start), spec.shape, seed + start)
+        return noise.pin_memory().to(device, non_blocking=True) if asynchronous else noise.to(device)
+
+    parts = []
+    starts = list(range(0, n, batch_size))
+    noise = noise_at(0) if starts else None
+    for index, start in enumerate(starts):
+        cond = None if labels is None else labels[start : start + len(noise)].to(device)
+        result = integrate(velocity_for(cond), noise, time_grid, integrator)  # queued on the GPU
+        # The next batch's noise is drawn on the CPU while the GPU integrates this one; only then
+        # is this batch copied back (a copy issued after the next batch was queued would wait for
+        # that batch too, and leave the GPU idle while the CPU draws).
+        noise = noise_at(starts[index + 1]) if index + 1 < len(starts) else None
+        parts.append(result.cpu())
     return torch.cat(parts) if parts else torch.empty(0, *spec.shape)
 
 

@@ -105,7 +105,7 @@ def child_tree(base: dict, variant: Variant, overrides: list[Override], *, teach
         if override.target in ("", variant.method, variant.label):
             if override.key == "train.max_steps":
                 raise ConfigError("--set", f"train.max_steps={override.value}",
-                                  "not settable in compare: --budget-images sets it (ceil(budget / batch size))")
+                                  "not settable in an equal-budget comparison: --budget-images sets it (ceil(budget / batch size))")
             nested_set(tree, override.key, override.value)
     batch = run_config_from_dict(tree).train.batch_size
     nested_set(tree, "train.max_steps", steps_for_budget(budget_images, batch))

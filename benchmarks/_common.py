@@ -132,18 +132,6 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: no CUDA device is visible on this machine (use cpu)")
-    return device
-
-
 def split_variant(label: str, registries) -> Optional[tuple[str, Optional[str]]]:
     """A variant label -> (method, integrator or None), or None if it names no variant: a
     registered method (names may contain '-': rf-distill), or METHOD-INTEGRATOR for a method that
@@ -174,9 +162,16 @@ def add_run_options(parser, device: str = "cpu") -> None:
 
 def start(args) -> tuple[torch.device, "Deadline"]:
     """Apply the run options: (device, deadline)."""
+    from distillkit.cli.evaluate import check_device
+    from distillkit.errors import ConfigError
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    return pick_device(args.device), Deadline(args.time_limit)
+    try:
+        device = check_device(args.device)  # distillkit's own --device check: one vocabulary everywhere
+    except ConfigError as exc:
+        fail(str(exc))
+    return device, Deadline(args.time_limit)
 
 
 class Deadline:

@@ -39,6 +39,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def describe_preset(name: str) -> str:
+    """The markdown phrase every benchmark uses for a preset's network and data."""
+    p = PRESETS[name]
+    return (f"Network: `{p['backbone']}` {p['backbone_options'] or ''} on synthetic {p['shape']} data, "
+            f"batch {p['batch']}")
+
+
 class _Tensors(torch.utils.data.Dataset):
     def __init__(self, data: torch.Tensor):
         self.data = data

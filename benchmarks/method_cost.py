@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from _common import add_run_options, command_line, header, machine, median, start, write_result
-from _training import PRESETS, SyntheticImages, config_tree, make_teacher, time_training, variant_parts
+from _training import PRESETS, SyntheticImages, config_tree, describe_preset, make_teacher, time_training, variant_parts
 from distillkit import get_registries
 
 DEFAULT_VARIANTS = "fm,cud-euler,cud-rk2,cud-rk3,otcfm,ct,cd,pd,rf-reflow,rf-distill,cud-stage2"
@@ -129,12 +129,11 @@ def main() -> None:
 
     from distillkit.config import run_config_from_dict
     from distillkit.resolve import resolve
-    from distillkit.training.build import build_model
+    from distillkit.training.build import build_method
 
     fm_rate = median([run["images_per_second"] for run in rows["fm"]["runs"]])
     lines = [header(f"Method cost per training step ({args.preset}, {args.precision})", info, command_line()),
-             f"Network: `{preset['backbone']}` {preset['backbone_options'] or ''} on synthetic {preset['shape']} data, "
-             f"batch {batch}, through distillkit's trainer. Per method: {args.warmup} untimed + {args.steps} timed steps, "
+             f"{describe_preset(args.preset)}, through distillkit's trainer. Per method: {args.warmup} untimed + {args.steps} timed steps, "
              f"{args.rounds} rounds alternating over all methods; images/s is the median over rounds. Network "
              "evaluations per step are the method's own count (`Method.network_evals_per_step`). Distillation "
              "methods use an untrained teacher of the same network (a teacher evaluation costs the same trained or not). "
@@ -146,13 +145,11 @@ def main() -> None:
         if not runs:
             continue
         tree, teacher = setups[label]
-        method_obj, _ = build_model(resolve(run_config_from_dict(tree), registries), dataset.spec, device,
-                                    seed=0, teacher=teacher)
-        evals = method_obj.network_evals_per_step()
+        evals = build_method(resolve(run_config_from_dict(tree), registries), dataset.spec,
+                             teacher=teacher).network_evals_per_step()
         # The one-off count at the method's default sizes (this benchmark scales them down).
-        default_tree = {**tree, "method_options": {}}
-        once = build_model(resolve(run_config_from_dict(default_tree), registries), dataset.spec, device,
-                           seed=0, teacher=teacher)[0].network_evals_once()
+        once = build_method(resolve(run_config_from_dict({**tree, "method_options": {}}), registries), dataset.spec,
+                            teacher=teacher).network_evals_once()
         rate = median([run["images_per_second"] for run in runs])
         if device.type == "cuda":
             memory = max(run["peak_memory_mb"] for run in runs)

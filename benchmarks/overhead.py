@@ -19,8 +19,8 @@ import time
 import torch
 
 from _common import add_run_options, command_line, fail, header, interleaved, machine, median, spread, start, write_result
-from _training import PRESETS, SyntheticImages, config_tree, time_training
-from distillkit import get_registries
+from _training import PRESETS, SyntheticImages, config_tree, describe_preset, time_training
+from distillkit import DataSpec, get_registries
 from distillkit.config import run_config_from_dict
 from distillkit.resolve import resolve
 from distillkit.training.build import build_model
@@ -67,7 +67,7 @@ def cud_loss(net, x0, gen, rk3: bool):
 def hand_written(label: str, tree: dict, data: torch.Tensor, device: torch.device, warmup: int, timed: int) -> float:
     """images/s of the minimal loop: index a batch, loss, backward, Adam, EMA lerp."""
     resolved = resolve(run_config_from_dict(tree), get_registries())
-    _, net = build_model(resolved, __import__("distillkit").DataSpec(tuple(data.shape[1:])), device, seed=0)
+    _, net = build_model(resolved, DataSpec(tuple(data.shape[1:])), device, seed=0)
     cfg = resolved.config.train
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -145,8 +145,7 @@ def main() -> None:
                                     "compile" if args.compile else "") if o)
     lines = [header(f"Training-loop overhead: distillkit vs a hand-written loop ({args.preset}, {options})", info,
                     command_line()),
-             f"Network: `{preset['backbone']}` {preset['backbone_options'] or ''} on synthetic {preset['shape']} data, "
-             f"batch {preset['batch']}. Each measurement: {args.warmup} untimed + {args.steps} timed steps; "
+             f"{describe_preset(args.preset)}. Each measurement: {args.warmup} untimed + {args.steps} timed steps; "
              f"{args.rounds} rounds, the two loops alternating. images/s as median (min–max) over rounds; the ratio "
              "is the median of the per-round ratios (target >= 0.97).", "",
              "| variant | distillkit images/s | hand-written images/s | ratio | per-round ratios |",

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from _common import add_run_options, command_line, fail, header, interleaved, machine, median, spread, start, write_result
-from _training import PRESETS, SyntheticImages, config_tree, time_training
+from _training import PRESETS, SyntheticImages, config_tree, describe_preset, time_training
 
 SETTINGS = {
     "fp32": {"precision": "fp32"},
@@ -74,8 +74,7 @@ def main() -> None:
 
     base = median(results["fp32"]["images_per_second"])
     lines = [header(f"Speed options of the training engine ({args.method}, {args.preset})", info, command_line()),
-             f"Network: `{preset['backbone']}` {preset['backbone_options'] or ''} on synthetic {preset['shape']} data, "
-             f"batch {preset['batch']}, method `{args.method}`, through distillkit's trainer. {args.warmup} untimed + "
+             f"{describe_preset(args.preset)}, method `{args.method}`, through distillkit's trainer. {args.warmup} untimed + "
              f"{args.steps} timed steps per measurement; {args.rounds} rounds alternating over the uncompiled settings; "
              "compiled settings once, last. Start-up = build + first step (includes compilation).", "",
              "| setting | images/s | vs fp32 | peak memory MiB | start-up s |", "|---|---:|---:|---:|---:|"]

@@ -29,10 +29,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(
-    resolved: Resolved, spec: DataSpec, device: torch.device, *, seed: int, teacher: Optional[Teacher] = None
-) -> tuple[Method, nn.Module]:
-    """The method and its student for data of ``spec``; initial weights depend only on ``seed``."""
+def build_method(resolved: Resolved, spec: DataSpec, *, teacher: Optional[Teacher] = None) -> Method:
+    """The method for data of ``spec``, without its network (enough for its costs and tags)."""
     config = resolved.config
     context = MethodContext(
         data=spec,
@@ -42,7 +40,14 @@ def build_model(
         integrators=get_registries().integrators,
         teacher=teacher,
     )
-    method = resolved.method_cls(resolved.method_config, context)
+    return resolved.method_cls(resolved.method_config, context)
+
+
+def build_model(
+    resolved: Resolved, spec: DataSpec, device: torch.device, *, seed: int, teacher: Optional[Teacher] = None
+) -> tuple[Method, nn.Module]:
+    """The method and its student for data of ``spec``; initial weights depend only on ``seed``."""
+    method = build_method(resolved, spec, teacher=teacher)
     torch.manual_seed(seed)
     backbone = resolved.backbone_cls.build(resolved.backbone_config, spec)
     return method, method.build_student(backbone).to(device)

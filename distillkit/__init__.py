@@ -18,6 +18,7 @@ from .contracts import (
     TeacherContext,
     VelocityFn,
 )
+from . import validators
 from .errors import ConfigError, DistillkitError, TimeGridError, UnknownNameError, UsageError
 from .hookspecs import hookimpl
 from .integrators.tableau import ButcherTableau
@@ -58,4 +59,5 @@ __all__ = [
     "edm_grid",
     "explicit_grid",
     "validate_time_grid",
+    "validators",
 ]

@@ -8,7 +8,6 @@ names the option, the value and what is allowed.
 
 from __future__ import annotations
 
-import math
 import tomllib
 import typing
 from pathlib import Path
@@ -17,34 +16,10 @@ from typing import Any, Optional
 import attrs
 
 from .errors import ConfigError
+from .validators import non_negative_int, non_negative_number, one_of, positive_int, positive_number
 
 # --------------------------------------------------------------------------------------------
 # validators that produce one-line ConfigErrors
-
-
-def _positive_int(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(attribute.name, value, "a positive integer")
-
-
-def _non_negative_int(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(attribute.name, value, "an integer >= 0")
-
-
-def _positive_float(instance, attribute, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(attribute.name, value, "a positive number")
-
-
-def _non_negative_float(instance, attribute, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ConfigError(attribute.name, value, "a number >= 0")
-
-
-def _unit_interval_open_right(instance, attribute, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-        raise ConfigError(attribute.name, value, "a number in [0, 1)")
 
 
 def _positive_ints(instance, attribute, value) -> None:
@@ -82,14 +57,6 @@ def _device(instance, attribute, value) -> None:
         raise ConfigError(attribute.name, value, "cpu, cuda, cuda:N, mps or auto")
 
 
-def _one_of(*choices: str):
-    def check(instance, attribute, value) -> None:
-        if value not in choices:
-            raise ConfigError(attribute.name, value, "one of " + ", ".join(choices))
-
-    return check
-
-
 def _int_tuple(value) -> tuple:
     if isinstance(value, str):
         parts = [p.strip() for p in value.split(",") if p.strip()]
@@ -117,32 +84,32 @@ def option(default: Any, *validators, cli: Optional[str] = None, help: str = "",
 
 @attrs.frozen
 class TrainConfig:
-    max_steps: int = option(2000, _positive_int, cli="--max-steps", help="optimizer steps to train")
-    batch_size: int = option(128, _positive_int, cli="--batch-size", help="samples per optimizer step")
-    lr: float = option(2e-3, _positive_float, cli="--lr", help="Adam learning rate")
-    warmup_steps: int = option(100, _non_negative_int, help="linear learning-rate warm-up steps")
+    max_steps: int = option(2000, positive_int, cli="--max-steps", help="optimizer steps to train")
+    batch_size: int = option(128, positive_int, cli="--batch-size", help="samples per optimizer step")
+    lr: float = option(2e-3, positive_number, cli="--lr", help="Adam learning rate")
+    warmup_steps: int = option(100, non_negative_int, help="linear learning-rate warm-up steps")
     ema_decay: tuple = option(
         (0.999,), _decays, converter=_float_tuple,
         help="EMA decay(s) per step, comma-separated; the first is evaluated by default",
     )
     ema_halflife_images: float = option(
-        0.0, _non_negative_float, help="add an EDM-style EMA with this half-life in training images (0 = none)"
+        0.0, non_negative_number, help="add an EDM-style EMA with this half-life in training images (0 = none)"
     )
-    ema_rampup_ratio: float = option(0.05, _non_negative_float, help="EDM EMA ramp-up: half-life <= ratio x images seen")
-    grad_clip: float = option(1.0, _non_negative_float, help="max gradient norm (0 = no clipping)")
-    grad_accumulation: int = option(1, _positive_int, help="micro-batches per optimizer step (batch_size is split)")
-    nonfinite: str = option("stop", _one_of("stop", "skip"),
+    ema_rampup_ratio: float = option(0.05, non_negative_number, help="EDM EMA ramp-up: half-life <= ratio x images seen")
+    grad_clip: float = option(1.0, non_negative_number, help="max gradient norm (0 = no clipping)")
+    grad_accumulation: int = option(1, positive_int, help="micro-batches per optimizer step (batch_size is split)")
+    nonfinite: str = option("stop", one_of("stop", "skip"),
                             help="a NaN/inf loss or gradient: stop the run (keeping the last good checkpoint) or skip the step")
-    precision: str = option("fp32", _one_of("fp32", "tf32", "bf16", "fp16"), cli="--precision",
+    precision: str = option("fp32", one_of("fp32", "tf32", "bf16", "fp16"), cli="--precision",
                             help="fp32, tf32 (CUDA matmuls), bf16 autocast or fp16 autocast with loss scaling")
     channels_last: bool = option(False, help="channels-last memory format for image models")
     compile: bool = option(False, help="torch.compile the student")
-    log_every: int = option(25, _positive_int, help="steps between logged training metrics")
-    checkpoint_every: int = option(0, _non_negative_int, cli="--checkpoint-every",
+    log_every: int = option(25, positive_int, help="steps between logged training metrics")
+    checkpoint_every: int = option(0, non_negative_int, cli="--checkpoint-every",
                                    help="steps between checkpoints (0 = only at the end)")
-    keep_last: int = option(2, _positive_int, help="periodic checkpoints kept on disk (the newest)")
-    keep_every: int = option(0, _non_negative_int, help="also keep (and log to MLflow) every checkpoint at a multiple of this step")
-    sample_every: int = option(0, _non_negative_int, help="steps between sample grids from fixed noise (0 = none)")
+    keep_last: int = option(2, positive_int, help="periodic checkpoints kept on disk (the newest)")
+    keep_every: int = option(0, non_negative_int, help="also keep (and log to MLflow) every checkpoint at a multiple of this step")
+    sample_every: int = option(0, non_negative_int, help="steps between sample grids from fixed noise (0 = none)")
     sample_nfe: tuple = option((1, 4), _positive_ints, converter=_int_tuple, help="NFEs of the grids drawn during training")
 
 
@@ -153,15 +120,15 @@ class SampleConfig:
         help="network evaluations per sample at the end-of-run evaluation",
     )
     integrator: str = option("euler", _non_empty_str, cli="--sample-integrator", help="integrator for sampling")
-    grid: str = option("uniform", _one_of("uniform", "edm"), help="time grid for sampling: uniform or edm")
-    num_samples: int = option(1000, _positive_int, help="samples drawn per NFE for the quality metric")
+    grid: str = option("uniform", one_of("uniform", "edm"), help="time grid for sampling: uniform or edm")
+    num_samples: int = option(1000, positive_int, help="samples drawn per NFE for the quality metric")
     reference_integrator: str = option(
         "rk4", _non_empty_str, help="integrator of the model's own high-accuracy solve (for ode_error)"
     )
     reference_steps: int = option(
-        32, _positive_int, help="steps of the high-accuracy solve that few-step samples are compared with"
+        32, positive_int, help="steps of the high-accuracy solve that few-step samples are compared with"
     )
-    seed: int = option(1234, _non_negative_int, help="first per-sample noise seed (sample i uses seed + i)")
+    seed: int = option(1234, non_negative_int, help="first per-sample noise seed (sample i uses seed + i)")
 
 
 @attrs.frozen
@@ -173,7 +140,7 @@ class RunConfig:
     )
     dataset: str = option("digits", _non_empty_str, cli="--dataset", help="dataset")
     backbone: str = option("auto", _non_empty_str, cli="--backbone", help="network (auto: the dataset's default)")
-    seed: int = option(0, _non_negative_int, cli="--seed", help="seed of every random number the run draws")
+    seed: int = option(0, non_negative_int, cli="--seed", help="seed of every random number the run draws")
     device: str = option("cpu", _device, cli="--device", help="cpu, cuda, cuda:N, mps or auto")
     runs_dir: str = option("distillkit-runs", _non_empty_str, cli="--runs-dir", help="where runs, MLflow database and artifacts go")
     tracking_uri: str = option(

@@ -15,13 +15,9 @@ import distillkit
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def positive_int(instance, attribute, value) -> None:
-    if not (_is_int(value) and value > 0):
-        raise distillkit.ConfigError(attribute.name, value, "a positive integer")
+_is_int = distillkit.validators.is_int
+positive_int = distillkit.validators.positive_int
+dropout_probability = distillkit.validators.unit_interval
 
 
 def positive_even_int(instance, attribute, value) -> None:
@@ -33,11 +29,6 @@ def positive_even_int(instance, attribute, value) -> None:
 def optional_positive_int(instance, attribute, value) -> None:
     if value is not None:
         positive_int(instance, attribute, value)
-
-
-def dropout_probability(instance, attribute, value) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0):
-        raise distillkit.ConfigError(attribute.name, value, "a number in [0, 1)")
 
 
 def positive_int_tuple(instance, attribute, value) -> None:

@@ -44,9 +44,7 @@ def optional_dropout(instance, attribute, value) -> None:
         raise distillkit.ConfigError(attribute.name, value, "a number in [0, 1)")
 
 
-def boolean(instance, attribute, value) -> None:
-    if not isinstance(value, bool):
-        raise distillkit.ConfigError(attribute.name, value, "true or false")
+boolean = distillkit.validators.boolean
 
 
 def phi_value(instance, attribute, value) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import distillkit
+from distillkit import validators
 from distillkit import Batch, LossOutput, Method
 
 from .parameterization import PARAMETERIZATIONS, ConsistencyFunction, implied_velocity, time_grid
@@ -40,73 +41,35 @@ DISTANCES = ("l2", "l1", "pseudo-huber")
 # options
 
 
-def _check(ok: bool, attribute, value, allowed: str) -> None:
-    if not ok:
-        raise distillkit.ConfigError(attribute.name, value, allowed)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _int_at_least(minimum: int):
     def check(instance, attribute, value):
-        _check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, attribute, value,
-               f"an integer >= {minimum}")
+        validators.require(validators.is_int(value) and value >= minimum, attribute, value, f"an integer >= {minimum}")
 
     return check
-
-
-def _positive(instance, attribute, value):
-    _check(_is_number(value) and value > 0, attribute, value, "a positive number")
-
-
-def _non_negative(instance, attribute, value):
-    _check(_is_number(value) and value >= 0, attribute, value, "a number >= 0")
-
-
-def _rate(instance, attribute, value):
-    _check(_is_number(value) and 0.0 <= value < 1.0, attribute, value, "a number in [0, 1)")
 
 
 def _t_min(instance, attribute, value):
-    _check(_is_number(value) and 0.0 < value < 0.5, attribute, value, "a number in (0, 0.5)")
+    validators.require(validators.is_number(value) and 0.0 < value < 0.5, attribute, value, "a number in (0, 0.5)")
 
 
 def _t_max(instance, attribute, value):
-    _check(_is_number(value) and 0.5 <= value <= 1.0, attribute, value, "a number in [0.5, 1]")
-
-
-def _one_of(*choices: str):
-    def check(instance, attribute, value):
-        _check(value in choices, attribute, value, "one of " + ", ".join(choices))
-
-    return check
-
-
-def _bool(instance, attribute, value):
-    _check(isinstance(value, bool), attribute, value, "true or false")
-
-
-def _registered_integrator(instance, attribute, value):
-    names = distillkit.get_registries().integrators.names()
-    _check(isinstance(value, str) and value in names, attribute, value, "a registered integrator: " + ", ".join(names))
+    validators.require(validators.is_number(value) and 0.5 <= value <= 1.0, attribute, value, "a number in [0.5, 1]")
 
 
 @attrs.frozen
 class _ConsistencyOptions:
     #: Karras-grid exponent (grid in t; rho = 1: uniform)
-    rho: float = attrs.field(default=7.0, validator=_positive)
+    rho: float = attrs.field(default=7.0, validator=validators.positive_number)
     #: the data end of the grid: f(x, t_min) = x exactly
     t_min: float = attrs.field(default=0.002, validator=_t_min)
     #: the noise end of the grid (1: the one-step sampler's start is trained)
     t_max: float = attrs.field(default=1.0, validator=_t_max)
     #: data standard deviation in the edm parameterisation
-    sigma_data: float = attrs.field(default=0.5, validator=_positive)
-    parameterization: str = attrs.field(default="edm", validator=_one_of(*PARAMETERIZATIONS))
-    distance: str = attrs.field(default="l2", validator=_one_of(*DISTANCES))
+    sigma_data: float = attrs.field(default=0.5, validator=validators.positive_number)
+    parameterization: str = attrs.field(default="edm", validator=validators.one_of(*PARAMETERIZATIONS))
+    distance: str = attrs.field(default="l2", validator=validators.one_of(*DISTANCES))
     #: pseudo-Huber c; 0 = 0.00054 sqrt(d) as in improved consistency training (d: sample size)
-    huber_c: float = attrs.field(default=0.0, validator=_non_negative)
+    huber_c: float = attrs.field(default=0.0, validator=validators.non_negative_number)
 
 
 @attrs.frozen
@@ -114,11 +77,11 @@ class CDConfig(_ConsistencyOptions):
     #: N: points of the discretisation (18 on CIFAR-10, 40 on ImageNet-64)
     num_points: int = attrs.field(default=18, validator=_int_at_least(2))
     #: integrator of the teacher's one step between adjacent grid points
-    teacher_integrator: str = attrs.field(default="heun", validator=_registered_integrator)
+    teacher_integrator: str = attrs.field(default="heun", validator=validators.registered_integrator)
     #: mu: target-network rate (0: the online network, P10)
-    target_rate: float = attrs.field(default=0.0, validator=_rate)
+    target_rate: float = attrs.field(default=0.0, validator=validators.unit_interval)
     #: start the student's F from the teacher's network when the shapes match
-    init_from_teacher: bool = attrs.field(default=True, validator=_bool)
+    init_from_teacher: bool = attrs.field(default=True, validator=validators.boolean)
 
 
 @attrs.frozen
@@ -128,7 +91,7 @@ class CTConfig(_ConsistencyOptions):
     #: N(K) = s1 + 1 points at the end (150 on CIFAR-10, 200 on ImageNet-64)
     s1: int = attrs.field(default=150, validator=_int_at_least(1))
     #: mu0 of the target-rate schedule (0.9 on CIFAR-10, 0.95 on ImageNet-64)
-    mu0: float = attrs.field(default=0.9, validator=_rate)
+    mu0: float = attrs.field(default=0.9, validator=validators.unit_interval)
 
     def __attrs_post_init__(self):
         if self.s1 + 1 < self.s0:

@@ -4,13 +4,13 @@ encoder), the target network, the catch-up loss, sampling, and the Prior ShakeDr
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Optional
 
 import attrs
 import torch
 
 import distillkit
+from distillkit import validators
 from distillkit import ButcherTableau, Method
 
 from .encoder import BackboneEncoder, ConvEncoder, MLPEncoder
@@ -39,60 +39,20 @@ COUPLINGS = ("independent", "encoder")
 # validators (one-line ConfigErrors naming the option, the value and what is allowed)
 
 
-def _check(condition: bool, attribute, value, allowed: str) -> None:
-    if not condition:
-        raise distillkit.ConfigError(attribute.name, value, allowed)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(instance, attribute, value):
-    _check(_is_int(value) and value > 0, attribute, value, "a positive integer")
-
-
-def _non_negative_int(instance, attribute, value):
-    _check(_is_int(value) and value >= 0, attribute, value, "an integer >= 0")
-
-
 def _small_time(instance, attribute, value):
-    _check(_is_number(value) and 0.0 <= value < 0.5, attribute, value, "a number in [0, 0.5)")
-
-
-def _non_negative(instance, attribute, value):
-    _check(_is_number(value) and value >= 0.0, attribute, value, "a number >= 0")
-
-
-def _decay(instance, attribute, value):
-    _check(_is_number(value) and 0.0 <= value < 1.0, attribute, value, "a number in [0, 1)")
-
-
-def _boolean(instance, attribute, value):
-    _check(isinstance(value, bool), attribute, value, "true or false")
-
-
-def _one_of(*choices: str):
-    def check(instance, attribute, value):
-        _check(value in choices, attribute, value, "one of " + ", ".join(choices))
-
-    return check
+    validators.require(validators.is_number(value) and 0.0 <= value < 0.5, attribute, value, "a number in [0, 0.5)")
 
 
 def _head_index(instance, attribute, value):
-    _check(_is_int(value) and value >= -1, attribute, value, "-1 (the last head) or a head index >= 0")
+    validators.require(validators.is_int(value) and value >= -1, attribute, value, "-1 (the last head) or a head index >= 0")
 
 
 def _table(instance, attribute, value):
-    _check(isinstance(value, dict), attribute, value, "a table of backbone options")
+    validators.require(isinstance(value, dict), attribute, value, "a table of backbone options")
 
 
 def _to_float(value):
-    return float(value) if _is_int(value) else value
+    return float(value) if validators.is_int(value) else value
 
 
 @attrs.frozen
@@ -100,30 +60,30 @@ class CUDConfig:
     """Stage-1 options; every default is the paper's published recipe (METHODS.md §2, §5)."""
 
     # -- catch-up step and time (§2.3-2.4) --
-    tn: int = attrs.field(default=16, validator=_positive_int)  # TN: Δ ~ U(0, 1/TN), discrete grid k/TN
-    delta_mode: str = attrs.field(default="uniform", validator=_one_of(*DELTA_MODES))
-    discrete_time: bool = attrs.field(default=False, validator=_boolean)  # t in {1..TN}/TN
+    tn: int = attrs.field(default=16, validator=validators.positive_int)  # TN: Δ ~ U(0, 1/TN), discrete grid k/TN
+    delta_mode: str = attrs.field(default="uniform", validator=validators.one_of(*DELTA_MODES))
+    discrete_time: bool = attrs.field(default=False, validator=validators.boolean)  # t in {1..TN}/TN
     t_min: float = attrs.field(default=1e-5, converter=_to_float, validator=_small_time)  # δ
     # -- target network (§2.5) --
-    target: str = attrs.field(default="live", validator=_one_of(*TARGETS))
-    target_decay: float = attrs.field(default=0.9999, converter=_to_float, validator=_decay)
+    target: str = attrs.field(default="live", validator=validators.one_of(*TARGETS))
+    target_decay: float = attrs.field(default=0.9999, converter=_to_float, validator=validators.unit_interval)
     # -- alignment integrator and heads (§2.6-2.8) --
-    paper_rk3: bool = attrs.field(default=True, validator=_boolean)  # "rk3" = the paper's slope
-    heads: int = attrs.field(default=0, validator=_non_negative_int)  # 0: the tableau's stages
-    boundary_mask: bool = attrs.field(default=True, validator=_boolean)
-    reuse_prediction_as_k1: bool = attrs.field(default=False, validator=_boolean)
+    paper_rk3: bool = attrs.field(default=True, validator=validators.boolean)  # "rk3" = the paper's slope
+    heads: int = attrs.field(default=0, validator=validators.non_negative_int)  # 0: the tableau's stages
+    boundary_mask: bool = attrs.field(default=True, validator=validators.boolean)
+    reuse_prediction_as_k1: bool = attrs.field(default=False, validator=validators.boolean)
     # -- loss (§2.6) --
-    weighting: str = attrs.field(default="constant", validator=_one_of(*WEIGHTINGS))
-    catch_up_weight: float = attrs.field(default=1.0, converter=_to_float, validator=_non_negative)
-    ground_truth_weight: float = attrs.field(default=1.0, converter=_to_float, validator=_non_negative)
-    distance: str = attrs.field(default="mse", validator=_one_of(*DISTANCES))  # catch-up term
-    ground_truth_distance: str = attrs.field(default="mse", validator=_one_of(*DISTANCES))
-    huber_c: float = attrs.field(default=0.0, converter=_to_float, validator=_non_negative)  # 0: 0.00054 sqrt(D)
+    weighting: str = attrs.field(default="constant", validator=validators.one_of(*WEIGHTINGS))
+    catch_up_weight: float = attrs.field(default=1.0, converter=_to_float, validator=validators.non_negative_number)
+    ground_truth_weight: float = attrs.field(default=1.0, converter=_to_float, validator=validators.non_negative_number)
+    distance: str = attrs.field(default="mse", validator=validators.one_of(*DISTANCES))  # catch-up term
+    ground_truth_distance: str = attrs.field(default="mse", validator=validators.one_of(*DISTANCES))
+    huber_c: float = attrs.field(default=0.0, converter=_to_float, validator=validators.non_negative_number)  # 0: 0.00054 sqrt(D)
     # -- coupling (§2.2) --
-    coupling: str = attrs.field(default="independent", validator=_one_of(*COUPLINGS))
-    kl_weight: float = attrs.field(default=20.0, converter=_to_float, validator=_non_negative)  # β
+    coupling: str = attrs.field(default="independent", validator=validators.one_of(*COUPLINGS))
+    kl_weight: float = attrs.field(default=20.0, converter=_to_float, validator=validators.non_negative_number)  # β
     encoder: str = attrs.field(default="auto")  # auto: small conv / MLP; or a registered backbone
-    encoder_channels: int = attrs.field(default=32, validator=_positive_int)  # width of the auto encoder
+    encoder_channels: int = attrs.field(default=32, validator=validators.positive_int)  # width of the auto encoder
     encoder_options: dict = attrs.field(factory=dict, validator=_table)  # options of a backbone encoder
     # -- sampling (§4) --
     sample_head: int = attrs.field(default=-1, validator=_head_index)  # -1: the last head

@@ -31,16 +31,11 @@ import torch
 from torch.nn.functional import mse_loss
 
 import distillkit
+from distillkit import validators
 from distillkit import LossOutput, Method
 
 from .loss import unwrap
 from .method import (
-    _boolean,
-    _check,
-    _decay,
-    _is_int,
-    _non_negative,
-    _positive_int,
     _to_float,
     check_prior_shakedrop,
     ema_copy,
@@ -53,8 +48,8 @@ TRAJECTORY_FILE = "trajectories.pt"
 
 
 def _indices(instance, attribute, value):
-    _check(
-        isinstance(value, tuple) and len(value) > 0 and all(_is_int(v) and v >= 0 for v in value),
+    validators.require(
+        isinstance(value, tuple) and len(value) > 0 and all(validators.is_int(v) and v >= 0 for v in value),
         attribute, value, "one or more trajectory indices >= 0",
     )
 
@@ -65,32 +60,28 @@ def _to_int_tuple(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _non_negative_int(instance, attribute, value):
-    _check(_is_int(value) and value >= 0, attribute, value, "an integer >= 0")
-
-
 @attrs.frozen
 class CUDStage2Config:
     """Stage-2 options; defaults are the paper's (METHODS.md §3)."""
 
     #: Euler steps of the teacher's trajectories (N); index i is at t = (N - i)/N
-    trajectory_steps: int = attrs.field(default=16, validator=_positive_int)
+    trajectory_steps: int = attrs.field(default=16, validator=validators.positive_int)
     #: the curriculum: one phase per index, in order (the paper's 8, 11, 14 of 16)
     phase_indices: tuple[int, ...] = attrs.field(default=(8, 11, 14), converter=_to_int_tuple, validator=_indices)
     #: optimizer steps per phase; 0 splits train.max_steps evenly (the last phase takes the rest)
-    steps_per_phase: int = attrs.field(default=0, validator=_non_negative_int)
+    steps_per_phase: int = attrs.field(default=0, validator=validators.non_negative_int)
     #: trajectories generated (the paper generates 50 000)
-    num_trajectories: int = attrs.field(default=50000, validator=_positive_int)
+    num_trajectories: int = attrs.field(default=50000, validator=validators.positive_int)
     #: keep the targets as 8-bit images, as the paper's PNG files (image data only)
-    quantize: bool = attrs.field(default=False, validator=_boolean)
+    quantize: bool = attrs.field(default=False, validator=validators.boolean)
     #: trajectories integrated at once during generation
-    generation_batch: int = attrs.field(default=500, validator=_positive_int)
+    generation_batch: int = attrs.field(default=500, validator=validators.positive_int)
     #: λ of the self-EMA regulariser (0 switches it off)
-    regulariser_weight: float = attrs.field(default=0.1, converter=_to_float, validator=_non_negative)
+    regulariser_weight: float = attrs.field(default=0.1, converter=_to_float, validator=validators.non_negative_number)
     #: decay of the student's EMA θ̄ that the regulariser pulls towards
-    regulariser_decay: float = attrs.field(default=0.9999, converter=_to_float, validator=_decay)
+    regulariser_decay: float = attrs.field(default=0.9999, converter=_to_float, validator=validators.unit_interval)
     #: start from the teacher's (EMA) weights, main head only
-    init_from_teacher: bool = attrs.field(default=True, validator=_boolean)
+    init_from_teacher: bool = attrs.field(default=True, validator=validators.boolean)
     #: a trajectories.pt of an earlier run to reuse instead of generating ("" = generate)
     trajectory_file: str = attrs.field(default="")
 

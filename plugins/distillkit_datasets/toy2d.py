@@ -16,24 +16,15 @@ import attrs
 import torch
 
 import distillkit
-from distillkit import DataSpec, Dataset, Teacher
+from distillkit import DataSpec, Dataset, Teacher, validators
 
 from .digits import SampleTensorDataset
 
 TOY2D_DIM = 2
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(instance, attribute, value) -> None:
-    if not (_is_int(value) and value > 0):
-        raise distillkit.ConfigError(attribute.name, value, "a positive integer")
-
-
 def _non_negative_int(instance, attribute, value) -> None:
-    if not (_is_int(value) and value >= 0):
+    if not (validators.is_int(value) and value >= 0):
         raise distillkit.ConfigError(attribute.name, value, "a non-negative integer")
 
 
@@ -43,20 +34,20 @@ def _positive_number(instance, attribute, value) -> None:
 
 
 def _to_float(value):
-    return float(value) if _is_int(value) else value
+    return float(value) if validators.is_int(value) else value
 
 
 @attrs.frozen
 class Toy2dConfig:
     """Options of the ``toy2d`` dataset and of the ``toy2d-exact`` teacher."""
 
-    components: int = attrs.field(default=8, validator=_positive_int)
+    components: int = attrs.field(default=8, validator=validators.positive_int)
     #: radius of the circle the component means lie on
     radius: float = attrs.field(default=2.0, converter=_to_float, validator=_positive_number)
     #: standard deviation of every component (> 0 keeps the velocity finite at t = 0)
     std: float = attrs.field(default=0.15, converter=_to_float, validator=_positive_number)
     #: number of samples in the fixed training set
-    train_size: int = attrs.field(default=20000, validator=_positive_int)
+    train_size: int = attrs.field(default=20000, validator=validators.positive_int)
     #: seed of the training set (reference samples use the caller's generator)
     seed: int = attrs.field(default=0, validator=_non_negative_int)
 

@@ -10,18 +10,12 @@ from __future__ import annotations
 import attrs
 import torch
 
-import distillkit
-from distillkit import Batch, LossOutput, Method, hookimpl
-
-
-def _in_unit_interval(instance, attribute, value):
-    if not 0.0 <= value < 1.0:
-        raise distillkit.ConfigError(attribute.name, value, "a number in [0, 1)")
+from distillkit import Batch, LossOutput, Method, hookimpl, validators
 
 
 @attrs.frozen
 class FlowMatchingConfig:
-    t_min: float = attrs.field(default=1e-5, validator=_in_unit_interval)
+    t_min: float = attrs.field(default=1e-5, validator=validators.unit_interval)
 
 
 def interpolate(batch: Batch, generator: torch.Generator, t_min: float):

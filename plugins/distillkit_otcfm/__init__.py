@@ -17,19 +17,13 @@ import attrs
 import torch
 from torch.nn.functional import mse_loss
 
-import distillkit
-from distillkit import LossOutput, Method, hookimpl
-
-
-def _unit_interval(instance, attribute, value):
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0):
-        raise distillkit.ConfigError(attribute.name, value, "a number in [0, 1)")
+from distillkit import LossOutput, Method, hookimpl, validators
 
 
 @attrs.frozen
 class OTCFMConfig:
     #: t ~ U(t_min, 1)
-    t_min: float = attrs.field(default=1e-5, validator=_unit_interval)
+    t_min: float = attrs.field(default=1e-5, validator=validators.unit_interval)
 
 
 def ot_permutation(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

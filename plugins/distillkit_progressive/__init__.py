@@ -22,6 +22,7 @@ import torch
 from torch.nn.functional import mse_loss
 
 import distillkit
+from distillkit import validators
 from distillkit import LossOutput, Method, hookimpl
 
 from distillkit import copy_teacher_weights
@@ -32,19 +33,14 @@ def _teacher_steps(instance, attribute, value):
         raise distillkit.ConfigError(attribute.name, value, "an even integer >= 2")
 
 
-def _bool(instance, attribute, value):
-    if not isinstance(value, bool):
-        raise distillkit.ConfigError(attribute.name, value, "true or false")
-
-
 @attrs.frozen
 class PDConfig:
     #: TN: the teacher's Euler steps on [0, 1]; the student learns TN/2
     teacher_steps: int = attrs.field(default=16, validator=_teacher_steps)
     #: train only at the student's grid points j = 2, 4, ..., TN (Salimans and Ho) instead of every j
-    student_grid_only: bool = attrs.field(default=False, validator=_bool)
+    student_grid_only: bool = attrs.field(default=False, validator=validators.boolean)
     #: start the student from the teacher's weights when the shapes match
-    init_from_teacher: bool = attrs.field(default=True, validator=_bool)
+    init_from_teacher: bool = attrs.field(default=True, validator=validators.boolean)
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

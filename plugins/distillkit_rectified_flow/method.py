@@ -23,6 +23,7 @@ import torch
 from torch.nn.functional import mse_loss
 
 import distillkit
+from distillkit import validators
 from distillkit import Batch, LossOutput, Method
 
 from .pairs import SEED_OFFSET, PairDataset, generate_pairs, load_pairs, pair_grid, save_atomic
@@ -31,51 +32,28 @@ from distillkit import copy_teacher_weights
 GRIDS = ("uniform", "edm")
 
 
-def _check(ok: bool, attribute, value, allowed: str) -> None:
-    if not ok:
-        raise distillkit.ConfigError(attribute.name, value, allowed)
-
-
-def _positive_int(instance, attribute, value):
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, attribute, value, "a positive integer")
-
-
-def _unit_interval(instance, attribute, value):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
-    _check(ok, attribute, value, "a number in [0, 1)")
-
-
 def _grid(instance, attribute, value):
-    _check(value in GRIDS, attribute, value, "one of " + ", ".join(GRIDS))
-
-
-def _bool(instance, attribute, value):
-    _check(isinstance(value, bool), attribute, value, "true or false")
-
-
-def _registered_integrator(instance, attribute, value):
-    names = distillkit.get_registries().integrators.names()
-    _check(isinstance(value, str) and value in names, attribute, value, "a registered integrator: " + ", ".join(names))
+    validators.require(value in GRIDS, attribute, value, "one of " + ", ".join(GRIDS))
 
 
 def _existing_file(instance, attribute, value):
-    _check(isinstance(value, str) and (value == "" or Path(value).expanduser().is_file()), attribute, value,
+    validators.require(isinstance(value, str) and (value == "" or Path(value).expanduser().is_file()), attribute, value,
            "empty (generate pairs) or an existing pairs file")
 
 
 @attrs.frozen
 class PairOptions:
     #: pairs generated from the teacher (RF suggests >= 1M for CIFAR-10)
-    num_pairs: int = attrs.field(default=10000, validator=_positive_int)
+    num_pairs: int = attrs.field(default=10000, validator=validators.positive_int)
     #: integrator of the teacher's ODE solve
-    pair_integrator: str = attrs.field(default="rk4", validator=_registered_integrator)
+    pair_integrator: str = attrs.field(default="rk4", validator=validators.registered_integrator)
     #: network evaluations per pair (a multiple of the integrator's stages)
-    pair_nfe: int = attrs.field(default=32, validator=_positive_int)
+    pair_nfe: int = attrs.field(default=32, validator=validators.positive_int)
     pair_grid: str = attrs.field(default="uniform", validator=_grid)
     #: reuse the pairs of an earlier run (its artifact ``pairs/reflow_pairs.pt``) instead
     pairs_file: str = attrs.field(default="", validator=_existing_file)
     #: start the student from the teacher's weights when the shapes match
-    init_from_teacher: bool = attrs.field(default=True, validator=_bool)
+    init_from_teacher: bool = attrs.field(default=True, validator=validators.boolean)
 
     def __attrs_post_init__(self):
         stages = distillkit.get_registries().integrators.get(self.pair_integrator).stages
@@ -89,13 +67,13 @@ class PairOptions:
 @attrs.frozen
 class ReflowConfig(PairOptions):
     #: t ~ U(t_min, 1)
-    t_min: float = attrs.field(default=1e-5, validator=_unit_interval)
+    t_min: float = attrs.field(default=1e-5, validator=validators.unit_interval)
 
 
 @attrs.frozen
 class DistillConfig(PairOptions):
     #: steps of the Euler sampler the student is distilled for
-    k: int = attrs.field(default=1, validator=_positive_int)
+    k: int = attrs.field(default=1, validator=validators.positive_int)
     #: the sampler's grid (set sample.grid to the same when evaluating)
     grid: str = attrs.field(default="uniform", validator=_grid)
 

@@ -14,6 +14,18 @@ def registries():
     return distillkit.get_registries()
 
 
+@pytest.fixture(scope="session")
+def cud_rk2_toy2d_checkpoint(tmp_path_factory):
+    """A 3-step CUD-RK2 run on toy2d (a stage-1 teacher, a checkpoint to rebuild), trained once."""
+    from distillkit.cli.main import main
+
+    runs = tmp_path_factory.mktemp("cud-rk2-toy2d")
+    assert main(["run", "--method", "cud", "--integrator", "rk2", "--dataset", "toy2d", "--max-steps", "3",
+                 "--batch-size", "16", "--runs-dir", str(runs), "--no-track", "--quiet",
+                 "--set", "sample.num_samples=32", "--set", "sample.reference_steps=2", "--nfe", "1"]) == 0
+    return next(runs.glob("runs/*/checkpoint.pt"))
+
+
 def pytest_configure(config):
     # Two pytest-xdist workers on a 2-core machine: one intra-op thread each. With more, OpenMP
     # threads of the two workers spin against each other and small ops slow down by 100x.

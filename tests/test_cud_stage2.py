@@ -229,27 +229,19 @@ def run(capsys, runs_dir, *argv):
     return Path(re.search(r"checkpoint: (\S+)", capsys.readouterr().out).group(1))
 
 
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("stage1")
-    assert main(["run", "--method", "cud", "--integrator", "rk2", "--dataset", "toy2d", "--max-steps", "3",
-                 "--batch-size", "16", "--runs-dir", str(runs), *SMALL]) == 0
-    return next(runs.glob("runs/*/checkpoint.pt"))
-
-
 def checkpoint_teacher(registries, path):
     cls = registries.datasets.get("toy2d")
     data = cls(cls.config_class())
     return load_teacher(str(path), registries, TeacherContext(data=data.spec, dataset_name="toy2d", dataset_config=data.config))
 
 
-def test_student_starts_from_the_teachers_ema_main_network(registries, stage1, tmp_path):
-    teacher = checkpoint_teacher(registries, stage1)
+def test_student_starts_from_the_teachers_ema_main_network(registries, cud_rk2_toy2d_checkpoint, tmp_path):
+    teacher = checkpoint_teacher(registries, cud_rk2_toy2d_checkpoint)
     method = stage2(registries, teacher, init_from_teacher=True)
     mlp = registries.backbones.get("mlp")
     student = mlp.build(mlp.config_class(), DataSpec((2,)))
     method.prepare(student, prepare_context(tmp_path))
-    ema = torch.load(stage1, weights_only=True)["ema"]
+    ema = torch.load(cud_rk2_toy2d_checkpoint, weights_only=True)["ema"]
     for key, value in student.state_dict().items():
         torch.testing.assert_close(value, ema[f"backbone.{key}"])
     # the trajectories come from the teacher's sampling velocity (CUD-RK2: its extra head)
@@ -258,14 +250,14 @@ def test_student_starts_from_the_teachers_ema_main_network(registries, stage1, t
     torch.testing.assert_close(method.trajectories["targets"], expected["targets"])
 
 
-def test_student_network_must_be_the_teachers(registries, stage1, tmp_path):
-    teacher = checkpoint_teacher(registries, stage1)
+def test_student_network_must_be_the_teachers(registries, cud_rk2_toy2d_checkpoint, tmp_path):
+    teacher = checkpoint_teacher(registries, cud_rk2_toy2d_checkpoint)
     with pytest.raises(distillkit.ConfigError, match="--backbone mlp with backbone_options"):
         stage2(registries, teacher, init_from_teacher=True).prepare(tiny_mlp(registries, hidden=16), prepare_context(tmp_path))
 
 
-def test_teacher_trained_with_another_phi_is_refused(registries, stage1, tmp_path):
-    payload = torch.load(stage1, weights_only=True)
+def test_teacher_trained_with_another_phi_is_refused(registries, cud_rk2_toy2d_checkpoint, tmp_path):
+    payload = torch.load(cud_rk2_toy2d_checkpoint, weights_only=True)
     payload["method"]["prior_shakedrop"] = {"enabled": True, "phi": 0.25}
     changed = tmp_path / "phi.pt"
     torch.save(payload, changed)
@@ -276,8 +268,8 @@ def test_teacher_trained_with_another_phi_is_refused(registries, stage1, tmp_pat
             mlp.build(mlp.config_class(), DataSpec((2,))), prepare_context(tmp_path / "run"))
 
 
-def test_stage1_then_stage2_from_the_command_line(capsys, stage1, tmp_path):
-    checkpoint = run(capsys, tmp_path, "--method", "cud-stage2", "--teacher", str(stage1), "--max-steps", "4",
+def test_stage1_then_stage2_from_the_command_line(capsys, cud_rk2_toy2d_checkpoint, tmp_path):
+    checkpoint = run(capsys, tmp_path, "--method", "cud-stage2", "--teacher", str(cud_rk2_toy2d_checkpoint), "--max-steps", "4",
                      "--set", "method_options.num_trajectories=48", "--set", "method_options.phase_indices=[2,5,14]")
     assert (checkpoint.parent / "trajectories.pt").is_file()
     payload = torch.load(checkpoint, weights_only=True)
@@ -290,9 +282,9 @@ def test_stage1_then_stage2_from_the_command_line(capsys, stage1, tmp_path):
     torch.testing.assert_close(one_step, core)
 
 
-def test_a_seeded_run_is_reproducible(capsys, stage1, tmp_path):
+def test_a_seeded_run_is_reproducible(capsys, cud_rk2_toy2d_checkpoint, tmp_path):
     again = run(capsys, tmp_path, "--method", "cud", "--integrator", "rk2", "--max-steps", "3")
-    first, second = torch.load(stage1, weights_only=True), torch.load(again, weights_only=True)
+    first, second = torch.load(cud_rk2_toy2d_checkpoint, weights_only=True), torch.load(again, weights_only=True)
     for key in ("student", "ema"):
         for name, value in first[key].items():
             assert torch.equal(value, second[key][name]), (key, name)

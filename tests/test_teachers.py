@@ -28,19 +28,11 @@ def context(registries, dataset="toy2d", runs_dir="distillkit-runs", tracking_ur
                           runs_dir=str(runs_dir), tracking_uri=tracking_uri)
 
 
-@pytest.fixture(scope="module")
-def toy_checkpoint(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    assert main(["run", "--method", "cud", "--integrator", "rk2", "--dataset", "toy2d", "--max-steps", "3",
-                 "--batch-size", "16", "--runs-dir", str(runs), *SMALL]) == 0
-    return next(runs.glob("runs/*/checkpoint.pt"))
-
-
-def test_trained_model_rebuilds_the_run_and_uses_its_sampling_head(toy_checkpoint):
-    trained = distillkit.load_trained_model(toy_checkpoint)
+def test_trained_model_rebuilds_the_run_and_uses_its_sampling_head(cud_rk2_toy2d_checkpoint):
+    trained = distillkit.load_trained_model(cud_rk2_toy2d_checkpoint)
     assert trained.resolved.config.method == "cud" and trained.step == 3
     assert trained.spec == distillkit.DataSpec((2,))
-    payload = torch.load(toy_checkpoint, weights_only=True)
+    payload = torch.load(cud_rk2_toy2d_checkpoint, weights_only=True)
     state = trained.model.state_dict()
     assert state.keys() == payload["ema"].keys()
     for key, value in payload["ema"].items():  # the EMA weights, not the online ones
@@ -51,11 +43,11 @@ def test_trained_model_rebuilds_the_run_and_uses_its_sampling_head(toy_checkpoin
     torch.testing.assert_close(trained.velocity_fn()(x, t), trained.model.extra_heads[0](features))
 
 
-def test_checkpoint_file_is_a_teacher_with_a_hash_identity(registries, toy_checkpoint):
-    teacher = load_teacher(str(toy_checkpoint), registries, context(registries))
+def test_checkpoint_file_is_a_teacher_with_a_hash_identity(registries, cud_rk2_toy2d_checkpoint):
+    teacher = load_teacher(str(cud_rk2_toy2d_checkpoint), registries, context(registries))
     assert teacher.name == "checkpoint"
-    assert teacher.identity.startswith(f"file:{toy_checkpoint.resolve()} sha256:")
-    trained = distillkit.load_trained_model(toy_checkpoint)
+    assert teacher.identity.startswith(f"file:{cud_rk2_toy2d_checkpoint.resolve()} sha256:")
+    trained = distillkit.load_trained_model(cud_rk2_toy2d_checkpoint)
     x, t = torch.randn(5, 2), torch.rand(5)
     torch.testing.assert_close(teacher.velocity(x, t), trained.velocity_fn()(x, t))
 
@@ -80,14 +72,14 @@ def test_missing_run_and_unknown_spec_are_one_line_errors(registries, tmp_path):
         load_teacher("no-such-teacher", registries, context(registries))
 
 
-def test_teacher_for_other_data_is_refused(registries, toy_checkpoint):
+def test_teacher_for_other_data_is_refused(registries, cud_rk2_toy2d_checkpoint):
     with pytest.raises(ConfigError, match="trained on data like the student's"):
-        load_teacher(str(toy_checkpoint), registries, context(registries, dataset="digits"))
+        load_teacher(str(cud_rk2_toy2d_checkpoint), registries, context(registries, dataset="digits"))
 
 
-def test_corrupted_teacher_checkpoint_is_refused(registries, toy_checkpoint, tmp_path):
+def test_corrupted_teacher_checkpoint_is_refused(registries, cud_rk2_toy2d_checkpoint, tmp_path):
     broken = tmp_path / "broken.pt"
-    broken.write_bytes(toy_checkpoint.read_bytes()[:100])
+    broken.write_bytes(cud_rk2_toy2d_checkpoint.read_bytes()[:100])
     with pytest.raises(UsageError, match="truncated or corrupted"):
         load_teacher(str(broken), registries, context(registries))
 

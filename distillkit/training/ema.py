@@ -47,30 +47,32 @@ class ExponentialAverage(AveragedModel):
         super().__init__(student, use_buffers=True)
         self.decay_at = decay_at
         self.updates = 0
-        self._pairs: Optional[tuple] = None  # the tensor lists of (model, averaged), built once
+        # (model, [(averaged, current) floating tensors], [(averaged, current) integer tensors]):
+        # walking a large network's modules on every step costs more than the update itself.
+        self._tensors: Optional[tuple[nn.Module, tuple[list, list], tuple[list, list]]] = None
 
-    def _tensor_pairs(self, model: nn.Module) -> tuple:
-        """(model, all averaged, all current, floating averaged, floating current, other averaged,
-        other current): walking a large network's modules on every step costs more than the update."""
-        if self._pairs is None or self._pairs[0] is not model:
-            averaged = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
-            current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-            floating = [t.is_floating_point() for t in averaged]
-            self._pairs = (model, averaged, current,
-                           [a for a, f in zip(averaged, floating) if f], [c for c, f in zip(current, floating) if f],
-                           [a for a, f in zip(averaged, floating) if not f], [c for c, f in zip(current, floating) if not f])
-        return self._pairs
+    def _tensor_lists(self, model: nn.Module) -> tuple[tuple[list, list], tuple[list, list]]:
+        if self._tensors is None or self._tensors[0] is not model:
+            pairs = list(zip((t.detach() for t in (*self.module.parameters(), *self.module.buffers())),
+                             (t.detach() for t in (*model.parameters(), *model.buffers()))))
+
+            def split(floating: bool) -> tuple[list, list]:
+                chosen = [(a, c) for a, c in pairs if a.is_floating_point() == floating]
+                return [a for a, _ in chosen], [c for _, c in chosen]
+
+            self._tensors = (model, split(True), split(False))
+        return self._tensors[1], self._tensors[2]
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        _, averaged, current, float_avg, float_cur, other_avg, other_cur = self._tensor_pairs(model)
-        if self.updates == 0:
-            torch._foreach_copy_(averaged, current)
-        else:
-            if float_avg:
+        (float_avg, float_cur), (other_avg, other_cur) = self._tensor_lists(model)
+        if float_avg:
+            if self.updates == 0:
+                torch._foreach_copy_(float_avg, float_cur)
+            else:
                 torch._foreach_lerp_(float_avg, float_cur, 1.0 - self.decay_at(self.updates))
-            if other_avg:
-                torch._foreach_copy_(other_avg, other_cur)
+        if other_avg:
+            torch._foreach_copy_(other_avg, other_cur)
         self.n_averaged += 1
         self.updates += 1
 

@@ -162,7 +162,7 @@ def add_run_options(parser, device: str = "cpu") -> None:
 
 def start(args) -> tuple[torch.device, "Deadline"]:
     """Apply the run options: (device, deadline)."""
-    from distillkit.cli.evaluate import check_device
+    from distillkit.arguments import check_device
     from distillkit.errors import ConfigError
 
     if args.threads:

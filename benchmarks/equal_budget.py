@@ -86,12 +86,12 @@ class Plan:
     """Every run's config, resolved and checked before anything is trained."""
 
     def __init__(self, args: argparse.Namespace):
-        from distillkit.cli.evaluate import check_device, parse_metrics, parse_nfe, parse_positive
+        from distillkit.arguments import check_device, parse_metrics, parse_nfe, parse_positive
         from distillkit.comparison import Override, Variant, child_identity, child_tree
         from distillkit.config import run_config_from_dict
+        from distillkit.evaluation import EvalSettings, Evaluator, of_config
         from distillkit.plugin_manager import get_registries
-        from distillkit.resolve import lookup, resolve
-        from distillkit.sampling import steps_for_nfe
+        from distillkit.resolve import build_sampler, lookup, resolve, steps_for
         from distillkit.training.build import build_dataset
 
         registries = get_registries()
@@ -121,14 +121,16 @@ class Plan:
             tree = child_tree(base, variant, [o for o in overrides if o.target != "teacher"],
                               teacher=PLACEHOLDER_TEACHER, requires_teacher=needs, budget_images=self.budget)
             # NFEs the sampler cannot do, named as --nfe (resolve would name sample.nfe).
-            sampler = run_config_from_dict(tree).sample.integrator
-            tableau = lookup(registries.integrators, "sample.integrator", sampler)
+            method_cls = lookup(registries.methods, "method", variant.method)
+            sample = run_config_from_dict(tree).sample
+            sampler = build_sampler(registries, sample.sampler or method_cls.default_sampler, sample.sampler_options,
+                                    sample.integrator, method_cls=method_cls)
             for nfe in self.nfes:
                 try:
-                    steps_for_nfe(tableau, nfe)
-                except ValueError:
-                    raise ConfigError("--nfe", nfe, f"multiples of {tableau.stages} ({variant.label} samples with "
-                                      f"{tableau.name}, {tableau.stages} evaluations per step)") from None
+                    steps_for(sampler, nfe, "--nfe")
+                except ConfigError as exc:
+                    raise ConfigError("--nfe", nfe, f"{exc.allowed} ({variant.label} samples with "
+                                      f"{sampler.describe()})") from None
             self.runs.append((variant, needs, tree, resolve(run_config_from_dict(tree), registries)))
         teacher_overrides = [Override(o.key, o.value) for o in overrides if o.target in ("", "teacher")]
         self.teacher_tree = child_tree(base, Variant("fm", None), teacher_overrides, teacher="", requires_teacher=False,
@@ -139,26 +141,15 @@ class Plan:
                                 == child_identity(teacher_resolved.to_dict())), None)
         self.steps = {v.label: r.config.train.max_steps for v, _, _, r in self.runs}
 
-        # What would otherwise fail after training: metrics for this data, data files, references.
+        # What would otherwise fail after training: metrics for this data, data files, references
+        # (the classifier is trained and cached on first use; FID needs its statistics).
         first = self.runs[0][3]
-        self.spec = build_dataset(first).spec
-        from distillkit import classifier as classifier_mod
-
-        for metric in self.metrics:
-            if metric in ("fd_pixels", "fid", "classifier_fd") and not self.spec.is_image:
-                raise ConfigError("--metrics", metric,
-                                  f"a metric for {args.dataset}, which is not images (energy, ode_error)")
-            if metric == "classifier_fd" and not classifier_mod.supported(args.dataset):
-                raise ConfigError("--metrics", metric, f"a metric for {args.dataset}: distillkit has a classifier for "
-                                  f"{', '.join(classifier_mod.RECIPES)} only")
-        self.classifier = self.fid_state = None
-        if "classifier_fd" in self.metrics:  # trained (and cached) on first use
-            self.classifier = classifier_mod.classifier_for(args.dataset, data_root=args.data_root,
-                                                            dataset_options=first.config.dataset_options, log=_log)
-        if "fid" in self.metrics:
-            from distillkit.cli.evaluate import prepare_fid
-
-            self.fid_state = prepare_fid(args.dataset, "", self.device)
+        dataset = build_dataset(first)
+        self.spec = dataset.spec
+        settings = EvalSettings(metrics=tuple(self.metrics), nfes=tuple(self.nfes), n=self.n, seed=first.config.sample.seed,
+                                data_root=args.data_root)
+        checked = Evaluator(of_config(first, dataset), settings, device=self.device, log=_log).check()
+        self.prepared = {metric.name: metric for metric in checked.metrics}
 
 
 def train_run(tree: dict, output_dir: Path, device: torch.device, teacher_checkpoint: str = "") -> dict:
@@ -202,18 +193,17 @@ def train_run(tree: dict, output_dir: Path, device: torch.device, teacher_checkp
             "wall_seconds": wall, "final_loss": result.final_loss}
 
 
-def evaluate(checkpoint: Path, plan: Plan, args: argparse.Namespace, work: Path) -> tuple[dict, object]:
+def evaluate(checkpoint: Path, plan: Plan, args: argparse.Namespace, work: Path) -> tuple[dict, object, str]:
     """Quality per NFE of the EMA weights, with the run's own sampler and per-sample seeds."""
-    from distillkit.cli.evaluate import EvalSettings, evaluate_model
+    from distillkit.evaluation import EvalSettings, evaluate_model
     from distillkit.trained import load_trained_model
 
     trained = load_trained_model(checkpoint, weights="ema", device=plan.device)
     sample = trained.resolved.config.sample
     settings = EvalSettings(metrics=tuple(plan.metrics), nfes=tuple(plan.nfes), n=plan.n, seed=sample.seed,
-                            integrator=sample.integrator, grid=sample.grid, data_root=args.data_root)
-    result = evaluate_model(trained, settings, device=plan.device, runs_dir=work, classifier=plan.classifier,
-                            fid_state=plan.fid_state, log=_log)
-    return result.values, trained
+                            data_root=args.data_root)
+    result = evaluate_model(trained, settings, device=plan.device, runs_dir=work, metrics=plan.prepared, log=_log)
+    return {m: result.values[plan.prepared[m].result_name] for m in plan.metrics}, trained, result.sampler
 
 
 def _best(rows: list[dict], metric: str, nfe: int):
@@ -222,10 +212,8 @@ def _best(rows: list[dict], metric: str, nfe: int):
 
 
 def markdown(plan: Plan, args, info: dict, rows: list[dict], skipped: list[str], teacher: dict) -> str:
-    from distillkit.cli.evaluate import METRIC_HELP
-
     steps = sorted(set(plan.steps.values()))
-    samplers = sorted({f"{r['sampler']} sampler on the {r['grid']} grid" for r in rows}) or ["–"]
+    samplers = sorted({f"{r['sampler']} sampler/grid" for r in rows}) or ["–"]
     text = [_common.header(f"Equal training budget on {args.dataset}: {plan.budget:,} training images per variant",
                            info, _common.command_line()), "## Protocol", ""]
     para = (f"Every variant trains {'/'.join(map(str, steps))} optimizer steps of {plan.batch} images "
@@ -268,7 +256,7 @@ def markdown(plan: Plan, args, info: dict, rows: list[dict], skipped: list[str],
                         f"not in s/step or network evals / step.")
     if skipped:
         text += ["", f"**Skipped** (did not fit in --time-limit {args.time_limit:.0f} s): {', '.join(skipped)}."]
-    text += ["", "## Metrics", ""] + [f"- **{m}**: {METRIC_HELP[m]}" for m in plan.metrics]
+    text += ["", "## Metrics", ""] + [f"- **{m}**: {plan.prepared[m].description}" for m in plan.metrics]
     return "\n".join(text) + "\n"
 
 
@@ -340,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
                 if label == plan.teacher_is:
                     teacher_run = done
             started = time.perf_counter()
-            values, trained = evaluate(done["checkpoint"], plan, args, work)
+            values, trained, sampler = evaluate(done["checkpoint"], plan, args, work)
             evals = trained.method.network_evals_per_step()
             resolved = done["resolved"]
             rows.append({
@@ -352,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
                 "images_per_second": plan.batch / done["seconds_per_step"], "wall_seconds": done["wall_seconds"],
                 "eval_seconds": time.perf_counter() - started, "final_loss": done["final_loss"],
                 "parameters": sum(p.numel() for p in trained.model.parameters()),
-                "sampler": resolved.sample_integrator.name, "grid": resolved.config.sample.grid,
+                "sampler": sampler, "grid": resolved.config.sample.grid,
                 "eval_seed": resolved.config.sample.seed, "values": values, "config": resolved.to_dict(),
             })
             del trained

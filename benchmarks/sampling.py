@@ -29,9 +29,8 @@ from _common import add_run_options, command_line, header, interleaved, machine,
 from _training import PRESETS, config_tree
 from distillkit import DataSpec, get_registries
 from distillkit.config import run_config_from_dict
-from distillkit.evaluation import sample_seeded
 from distillkit.resolve import resolve
-from distillkit.sampling import prior_noise, sample_ode, uniform_grid
+from distillkit.sampling import prior_noise, sample_ode, sample_seeded, uniform_grid
 from distillkit.training.build import build_model
 
 

@@ -5,22 +5,45 @@ methods, integrators, backbones and datasets arrive through the ``distillkit`` e
 """
 
 from .contracts import (
+    OUTPUT_HEADS,
+    STUDENT,
     Backbone,
     Batch,
     DataSpec,
     Dataset,
+    DenoiseFn,
     LossOutput,
     Method,
     MethodContext,
+    Metric,
+    MetricContext,
+    NoiseSource,
     NoOptions,
     PrepareContext,
+    Sampler,
+    SamplerContext,
+    SamplingModel,
+    StepVelocityFn,
     Teacher,
     TeacherContext,
+    TimeGrid,
+    Update,
     VelocityFn,
 )
 from . import validators
 from .errors import ConfigError, DistillkitError, TimeGridError, UnknownNameError, UsageError
 from .hookspecs import hookimpl
+from .files import generate_once, identity_mismatch, load_payload, read_cached, save_atomic, write_atomic
+from .numerics import (
+    TargetNetwork,
+    broadcast_time,
+    combine_slopes,
+    ema_update_,
+    rk_slopes,
+    rk_step_per_sample,
+    straight_path,
+    uniform_time,
+)
 from .integrators.tableau import ButcherTableau
 from .plugin_manager import get_registries
 from .integrators import edm_grid, explicit_grid, integrate, uniform_grid, validate_time_grid
@@ -29,6 +52,18 @@ from .trained import TrainedModel, copy_teacher_weights, find_checkpoint, load_t
 __version__ = "0.1.0"
 
 __all__ = [
+    "OUTPUT_HEADS",
+    "STUDENT",
+    "DenoiseFn",
+    "Metric",
+    "MetricContext",
+    "NoiseSource",
+    "Sampler",
+    "SamplerContext",
+    "SamplingModel",
+    "StepVelocityFn",
+    "TimeGrid",
+    "Update",
     "Backbone",
     "Batch",
     "ButcherTableau",
@@ -60,4 +95,18 @@ __all__ = [
     "explicit_grid",
     "validate_time_grid",
     "validators",
+    "TargetNetwork",
+    "broadcast_time",
+    "combine_slopes",
+    "ema_update_",
+    "generate_once",
+    "identity_mismatch",
+    "load_payload",
+    "read_cached",
+    "rk_slopes",
+    "rk_step_per_sample",
+    "save_atomic",
+    "straight_path",
+    "uniform_time",
+    "write_atomic",
 ]

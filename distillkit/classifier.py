@@ -1,13 +1,17 @@
 """An offline image metric: the Fréchet distance in the feature space of a small classifier that
 distillkit trains itself (``classifier_fd``).
 
-FID needs Inception weights that must be downloaded; for the small grey-scale datasets this
-project trains on (``digits``, ``mnist``, ``fashion-mnist``) a small CNN trained on the dataset's
-own labels gives features that separate good samples from bad ones, and needs nothing but the
-data. The classifier is trained deterministically (fixed seed, fixed epochs, fixed data order)
-from a *recipe*; the recipe (architecture version, training settings, and a hash of the training
-data) is hashed into the file name, so a cached classifier is reused exactly when the same
-recipe would produce it, and a changed recipe never reads a stale file.
+FID needs Inception weights that must be downloaded; for small labelled image datasets (the
+built-in ``digits``, ``mnist``, ``fashion-mnist``) a small CNN trained on the dataset's own labels
+gives features that separate good samples from bad ones, and needs nothing but the data. Which
+datasets have one, and how it is trained, is the dataset's business: ``Dataset.classifier_recipe()``
+(epochs, batch size, learning rate, optionally the held-out fraction) and
+``Dataset.labelled_images()``; the core knows no dataset by name.
+
+The classifier is trained deterministically (fixed seed, fixed epochs, fixed data order) from a
+*recipe*: the architecture version, the dataset's training settings and a hash of the training
+data, hashed into the file name, so a cached classifier is reused exactly when the same recipe
+would produce it, and a changed recipe never reads a stale file.
 
 Files: ``<cache>/classifiers/classifier-<dataset>-v<version>-<recipe hash>.pt`` (state dict and
 recipe; read with ``weights_only=True``) and a ``.json`` sidecar (recipe, held-out accuracy, date).
@@ -23,28 +27,23 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 import torch
 from torch import nn
 
 from .errors import UsageError
-from .evaluation import cache_dir, write_atomic
+from .evaluation.cache import cache_dir
+from .files import write_atomic
 
 #: Bump when the architecture or the training loop changes: old files are then never reused.
 VERSION = 1
 ARCHITECTURE = "smallcnn-c16s1-c32s2-c64s2-pool2-f64"
 FEATURE_DIM = 64
 _FORMAT = "distillkit-classifier"
-
-#: Training settings per dataset: epochs over the training split, batch size, Adam learning rate.
-RECIPES: dict[str, dict] = {
-    "digits": {"epochs": 20, "batch_size": 64, "lr": 2e-3},
-    "mnist": {"epochs": 3, "batch_size": 128, "lr": 2e-3},
-    "fashion-mnist": {"epochs": 5, "batch_size": 128, "lr": 2e-3},
-}
 SEED = 0
+#: The held-out fraction unless the dataset's recipe gives one (``holdout``).
 HOLDOUT_FRACTION = 0.1
 
 
@@ -90,52 +89,28 @@ class Classifier:
         return torch.cat(parts)
 
 
-def supported(dataset_name: str) -> bool:
-    return dataset_name in RECIPES
+def dataset_recipe(dataset: Any, dataset_name: str) -> dict:
+    """The dataset's classifier training settings, or a one-line error when it has none."""
+    recipe = dataset.classifier_recipe()
+    if recipe is None:
+        raise UsageError(f"metric classifier_fd needs a dataset with a classifier recipe; dataset {dataset_name} "
+                         f"has none (use fid, or fd_pixels)")
+    return dict(recipe)
 
 
-def _check_supported(dataset_name: str) -> None:
-    if not supported(dataset_name):
-        raise UsageError(
-            f"metric classifier_fd is available for {', '.join(RECIPES)}; dataset {dataset_name} has no "
-            f"classifier recipe (use fid, or fd_pixels)"
-        )
-
-
-def labelled_images(dataset_name: str, *, data_root: str = "", dataset_options: Optional[dict] = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All training images of a registered dataset in [-1, 1] and their labels (the dataset is
-    built with ``class_conditional = true`` so that its items carry labels)."""
-    from .config import build_attrs
-    from .contracts import Batch
-    from .plugin_manager import get_registries
-
-    cls = get_registries().datasets.get(dataset_name)
-    options = {k: v for k, v in (dataset_options or {}).items() if k != "class_conditional"}
-    config = build_attrs(cls.config_class, {**options, "class_conditional": True}, "dataset_options.")
-    dataset = cls(config, data_root or None)
-    loader = torch.utils.data.DataLoader(dataset.train_set(), batch_size=4096, shuffle=False)
-    images, labels = [], []
-    for item in loader:
-        batch = Batch.from_item(item)
-        if batch.cond is None:
-            raise UsageError(f"dataset {dataset_name} gives no labels; classifier_fd needs labelled data")
-        images.append(batch.x.float())
-        labels.append(batch.cond.long())
-    return torch.cat(images), torch.cat(labels)
-
-
-def recipe_for(dataset_name: str, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Everything that determines the trained weights; its hash names the file."""
-    _check_supported(dataset_name)
+def recipe_for(dataset_name: str, settings: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Everything that determines the trained weights; its hash names the file. ``settings``: the
+    dataset's ``classifier_recipe()`` (``holdout`` there is the held-out fraction)."""
+    settings = dict(settings)
+    holdout = settings.pop("holdout", HOLDOUT_FRACTION)
     data = hashlib.sha256()
     data.update(images.contiguous().float().numpy().tobytes())
     data.update(labels.contiguous().long().numpy().tobytes())
     return {
         "format": _FORMAT, "version": VERSION, "architecture": ARCHITECTURE, "dataset": dataset_name,
         "shape": list(images.shape[1:]), "num_classes": int(labels.max()) + 1, "n_images": int(len(images)),
-        "data_sha256": data.hexdigest()[:16], "holdout_fraction": HOLDOUT_FRACTION, "seed": SEED,
-        "optimizer": "adam", **RECIPES[dataset_name],
+        "data_sha256": data.hexdigest()[:16], "holdout_fraction": holdout, "seed": SEED,
+        "optimizer": "adam", **settings,
     }
 
 
@@ -195,20 +170,21 @@ def load_classifier(path: Path) -> Classifier:
 
 
 def classifier_for(
+    dataset: Any,
     dataset_name: str,
     *,
     images: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
-    data_root: str = "",
-    dataset_options: Optional[dict] = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> Classifier:
     """The cached classifier for this dataset's recipe, trained now (and cached) if there is none.
-    ``images`` / ``labels``: the labelled training data (read from the dataset when not given)."""
-    _check_supported(dataset_name)
+    ``dataset``: a ``distillkit.Dataset`` with ``classifier_recipe``; ``images`` / ``labels``: its
+    labelled training data (``dataset.labelled_images()`` when not given)."""
+    settings = dataset_recipe(dataset, dataset_name)
     if images is None or labels is None:
-        images, labels = labelled_images(dataset_name, data_root=data_root, dataset_options=dataset_options)
-    recipe = recipe_for(dataset_name, images, labels)
+        images, labels = dataset.labelled_images()
+        images, labels = images.float(), labels.long()
+    recipe = recipe_for(dataset_name, settings, images, labels)
     path = classifier_path(recipe)
     if path.is_file():
         return load_classifier(path)
@@ -246,4 +222,5 @@ def accuracy_on(classifier: Classifier, images: torch.Tensor, labels: torch.Tens
     return float((predictions == labels).float().mean())
 
 
-__all__ = ["Classifier", "SmallCNN", "classifier_for", "classifier_fd", "load_classifier", "supported", "train_classifier"]
+__all__ = ["Classifier", "SmallCNN", "classifier_for", "classifier_fd", "dataset_recipe", "load_classifier", "recipe_for",
+           "train_classifier"]

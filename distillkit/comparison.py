@@ -160,6 +160,65 @@ def find_child(client, experiment_id: str, parent_id: str, identity: str) -> Opt
 
 
 # --------------------------------------------------------------------------------------------
+# evaluating the children
+
+
+def prepare_metrics(first, dataset, metrics: tuple[str, ...], nfes, *, device, runs_dir, data_root: str = "",
+                    inception_weights: str = "", log=None) -> dict:
+    """Every metric checked for the data and its reference prepared (classifier, FID statistics),
+    before anything is trained: the prepared metrics, by name, every child is measured with.
+    ``first``: the first child's resolved config."""
+    from .evaluation import EvalSettings, Evaluator, of_config
+
+    sample = first.config.sample
+    options = {"fid": {"inception_weights": inception_weights}} if inception_weights else {}
+    settings = EvalSettings(metrics=metrics, nfes=tuple(nfes), n=sample.num_samples, seed=sample.seed,
+                            data_root=data_root, metric_options=options)
+    evaluator = Evaluator(of_config(first, dataset), settings, device=device, runs_dir=runs_dir, log=log).check()
+    return {metric.name: metric for metric in evaluator.metrics}
+
+
+def evaluate_child(run_id: str, metrics: dict, nfes, *, runs_dir, tracking_uri: str, device: str, sampler: str = "",
+                   data_root: str = "", log=None) -> tuple[dict, str]:
+    """Measure what child ``run_id`` lacks under the comparison's protocol (its own sampler, or
+    ``sampler``), log it to the child; return (metric -> {nfe: value}, the sampler/grid used).
+    What was measured under the same signature before (tags) is not measured again."""
+    import attrs
+    from mlflow.tracking import MlflowClient
+
+    from .evaluation import EvalSettings, Evaluator, log_evaluation, measured_nfes, of_trained, open_run
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    opened = open_run(run_id, runs_dir=str(runs_dir), tracking_uri=tracking_uri, weights="ema", device=device)
+    trained = opened.trained
+    sample = trained.resolved.config.sample
+    settings = EvalSettings(metrics=tuple(metrics), nfes=tuple(nfes), n=sample.num_samples, seed=sample.seed,
+                            sampler=sampler, data_root=data_root)
+    subject = of_trained(trained, data_root=data_root)
+
+    def evaluator(settings):
+        return Evaluator(subject, settings, metrics=metrics, device=opened.device, runs_dir=runs_dir,
+                         tracking_uri=tracking_uri, run_id=run_id, log=log).check()
+
+    planned = evaluator(settings)
+    expected, prefix = planned.signatures(), planned.prefix
+    names = {metric.name: metric.result_name for metric in planned.metrics}
+    tags = client.get_run(run_id).data.tags
+    todo = {m: set(nfes) - measured_nfes(tags.get(f"distillkit.{prefix}.{names[m]}"), expected[names[m]])
+            for m in metrics}
+    missing = tuple(m for m in metrics if todo[m])
+    if missing:
+        wanted = tuple(sorted(set().union(*todo.values())))
+        if log is not None:
+            log(f"  evaluating {', '.join(missing)} at NFE {','.join(map(str, wanted))}")
+        result = evaluator(attrs.evolve(settings, metrics=missing, nfes=wanted)).run()
+        log_evaluation(result, run_id, tracking_uri, trained.step)
+    latest = client.get_run(run_id).data.metrics
+    values = {m: {k: latest.get(f"{prefix}/{names[m]}/nfe{k}", float("nan")) for k in nfes} for m in metrics}
+    return values, planned.sampling.describe()
+
+
+# --------------------------------------------------------------------------------------------
 # results and what the parent gets
 
 
@@ -178,6 +237,7 @@ class Row:
     wall_seconds: float
     images_per_second: float
     values: dict  # metric -> {nfe: value}
+    sampler: str = ""  # what it was evaluated with: ``<sampler describe>/<grid>`` (``ode/euler/uniform``)
 
     @property
     def images(self) -> int:
@@ -198,18 +258,19 @@ def markdown_table(rows: list[Row], metrics: list[str], nfes: list[int], header:
         "",
         f"Parent run `{header['parent_run_id']}` in experiment `{header['experiment']}`. Quality: "
         f"{header['n']} samples per NFE from per-sample seeds {header['seed']}..{header['seed'] + header['n'] - 1}, "
-        f"{header['sampler']} sampler on the {header['grid']} grid, EMA weights, checkpoint at the end of training. "
+        f"each variant sampled with the sampler/grid of its sampler column ({header['sampler']}), EMA weights, "
+        f"checkpoint at the end of training. "
         f"Lower is better in every quality table; **bold** is the best of its column.",
         "",
         "## Cost",
         "",
-        "| variant | run | steps × batch | training images | network evals / step (grad + no-grad) | train s | wall s | images/s |",
-        "|---|---|---|---:|---|---:|---:|---:|",
+        "| variant | sampler | run | steps × batch | training images | network evals / step (grad + no-grad) | train s | wall s | images/s |",
+        "|---|---|---|---|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         reused = " (reused)" if r.reused else ""
         lines.append(
-            f"| {r.label} | `{r.run_id[:8]}`{reused} | {r.steps} × {r.batch_size} | {r.images:,} | "
+            f"| {r.label} | {r.sampler or '–'} | `{r.run_id[:8]}`{reused} | {r.steps} × {r.batch_size} | {r.images:,} | "
             f"{r.evals_with_grad:g} + {r.evals_no_grad:g} | {r.train_seconds:.1f} | {r.wall_seconds:.1f} | "
             f"{r.images_per_second:,.0f} |"
         )
@@ -247,12 +308,12 @@ def note(markdown: str) -> str:
 
 
 def csv_rows(rows: list[Row], metrics: list[str], nfes: list[int]) -> tuple[list[str], list[list]]:
-    columns = ["variant", "method", "integrator", "run_id", "reused", "steps", "batch_size", "training_images",
+    columns = ["variant", "method", "integrator", "sampler", "run_id", "reused", "steps", "batch_size", "training_images",
                "network_evals_with_grad", "network_evals_no_grad", "train_seconds", "wall_seconds",
                "images_per_second"] + [f"{m}@nfe{k}" for m in metrics for k in nfes]
     body = []
     for r in rows:
-        body.append([r.label, r.method, r.integrator, r.run_id, r.reused, r.steps, r.batch_size, r.images,
+        body.append([r.label, r.method, r.integrator, r.sampler, r.run_id, r.reused, r.steps, r.batch_size, r.images,
                      r.evals_with_grad, r.evals_no_grad, round(r.train_seconds, 3), round(r.wall_seconds, 3),
                      round(r.images_per_second, 1)]
                     + [r.values.get(m, {}).get(k, "") for m in metrics for k in nfes])

@@ -82,11 +82,59 @@ def option(default: Any, *validators, cli: Optional[str] = None, help: str = "",
 # the run configuration
 
 
+def _betas(instance, attribute, value) -> None:
+    if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0 for v in value):
+        raise ConfigError(attribute.name, ",".join(map(str, value)), "two numbers in [0, 1), comma-separated")
+
+
+OPTIMIZERS = ("adam", "adamw", "radam")
+#: warmup: linear warm-up over warmup_steps, then constant; cosine: warm-up, then cosine decay to 0
+#: at train.max_steps; inverse-sqrt: warm-up, then lr * sqrt(warmup_steps / step); constant: lr.
+LR_SCHEDULES = ("warmup", "constant", "cosine", "inverse-sqrt")
+
+
+@attrs.frozen
+class OptimizerConfig:
+    """How one network is optimized: the optimizer, its learning-rate schedule and clipping.
+
+    ``TrainConfig.optimizer_config()`` gives the run's default; a multi-network method changes it
+    per network in ``Method.optimizer_config`` and the user per network with
+    ``--set train.networks.NAME.KEY=VALUE``.
+    """
+
+    optimizer: str = option("adam", one_of(*OPTIMIZERS), help="adam, adamw or radam")
+    lr: float = option(2e-3, positive_number, help="learning rate (after warm-up)")
+    betas: tuple = option((0.9, 0.999), _betas, converter=_float_tuple, help="the optimizer's two moment decays")
+    eps: float = option(1e-8, positive_number, help="the optimizer's denominator epsilon")
+    weight_decay: float = option(0.0, non_negative_number, help="weight decay (decoupled for adamw)")
+    lr_schedule: str = option("warmup", one_of(*LR_SCHEDULES), help="warmup, constant, cosine or inverse-sqrt")
+    warmup_steps: int = option(100, non_negative_int, help="linear learning-rate warm-up steps")
+    grad_clip: float = option(1.0, non_negative_number, help="max gradient norm (0 = no clipping)")
+
+
+def _network_overrides(instance, attribute, value) -> None:
+    """``train.networks``: {network: {optimizer option: value}}; every value is checked here, the
+    network names against the method's networks when the run is built."""
+    if not isinstance(value, dict):
+        raise ConfigError(attribute.name, value, "a table of networks, each a table of optimizer options")
+    for name in value:
+        instance.optimizer_config(name)
+
+
 @attrs.frozen
 class TrainConfig:
     max_steps: int = option(2000, positive_int, cli="--max-steps", help="optimizer steps to train")
     batch_size: int = option(128, positive_int, cli="--batch-size", help="samples per optimizer step")
-    lr: float = option(2e-3, positive_number, cli="--lr", help="Adam learning rate")
+    optimizer: str = option("adam", one_of(*OPTIMIZERS), help="optimizer: adam, adamw or radam")
+    lr: float = option(2e-3, positive_number, cli="--lr", help="learning rate")
+    betas: tuple = option((0.9, 0.999), _betas, converter=_float_tuple, help="the optimizer's moment decays (beta1, beta2)")
+    eps: float = option(1e-8, positive_number, help="the optimizer's epsilon")
+    weight_decay: float = option(0.0, non_negative_number, help="weight decay (decoupled for adamw)")
+    lr_schedule: str = option(
+        "warmup", one_of(*LR_SCHEDULES),
+        help="warmup (linear warm-up, then constant), constant, cosine (warm-up, then decay to 0 at max_steps) "
+             "or inverse-sqrt (warm-up, then lr * sqrt(warmup_steps / step))",
+    )
     warmup_steps: int = option(100, non_negative_int, help="linear learning-rate warm-up steps")
     ema_decay: tuple = option(
         (0.999,), _decays, converter=_float_tuple,
@@ -103,7 +151,7 @@ class TrainConfig:
     precision: str = option("fp32", one_of("fp32", "tf32", "bf16", "fp16"), cli="--precision",
                             help="fp32, tf32 (CUDA matmuls), bf16 autocast or fp16 autocast with loss scaling")
     channels_last: bool = option(False, help="channels-last memory format for image models")
-    compile: bool = option(False, help="torch.compile the student")
+    compile: bool = option(False, help="torch.compile each trained network")
     log_every: int = option(25, positive_int, help="steps between logged training metrics")
     checkpoint_every: int = option(0, non_negative_int, cli="--checkpoint-every",
                                    help="steps between checkpoints (0 = only at the end)")
@@ -111,6 +159,24 @@ class TrainConfig:
     keep_every: int = option(0, non_negative_int, help="also keep (and log to MLflow) every checkpoint at a multiple of this step")
     sample_every: int = option(0, non_negative_int, help="steps between sample grids from fixed noise (0 = none)")
     sample_nfe: tuple = option((1, 4), _positive_ints, converter=_int_tuple, help="NFEs of the grids drawn during training")
+    networks: dict = option(
+        {}, _network_overrides, converter=lambda value: dict(value) if isinstance(value, dict) else value,
+        help="per-network optimizer options of multi-network methods (train.networks.NAME.KEY=VALUE)",
+    )
+
+    def optimizer_config(self, network: Optional[str] = None, base: Optional[OptimizerConfig] = None) -> OptimizerConfig:
+        """The run's default ``OptimizerConfig`` (these fields); with ``network``, ``base`` (default:
+        the run's default) with the user's ``train.networks.<network>`` options on top."""
+        if base is None:
+            base = OptimizerConfig(**{field.name: getattr(self, field.name) for field in attrs.fields(OptimizerConfig)})
+        overrides = self.networks.get(network, {}) if network is not None else {}
+        if not overrides:
+            return base
+        prefix = f"networks.{network}."
+        if not isinstance(overrides, dict):
+            raise ConfigError(prefix.rstrip("."), overrides, "a table of optimizer options: "
+                              + ", ".join(attrs.fields_dict(OptimizerConfig)))
+        return build_attrs(OptimizerConfig, {**attrs.asdict(base), **overrides}, prefix)
 
 
 @attrs.frozen
@@ -119,8 +185,14 @@ class SampleConfig:
         (1, 2, 4, 8), _positive_ints, cli="--nfe", converter=_int_tuple,
         help="network evaluations per sample at the end-of-run evaluation",
     )
-    integrator: str = option("euler", _non_empty_str, cli="--sample-integrator", help="integrator for sampling")
-    grid: str = option("uniform", one_of("uniform", "edm"), help="time grid for sampling: uniform or edm")
+    sampler: str = option("", cli="--sampler",
+                          help="sampler (distillkit plugins lists them; default: the method's own, e.g. ode or consistency)")
+    sampler_options: dict = option({}, help="options of the chosen sampler (sample.sampler_options.KEY=VALUE)",
+                                   converter=dict)
+    integrator: str = option("euler", _non_empty_str, cli="--sample-integrator", help="integrator of the ode sampler")
+    grid: str = option("uniform", _non_empty_str, help="time grid for sampling: uniform, edm, karras-sigma or explicit")
+    grid_options: dict = option({}, help="options of the chosen time grid (sample.grid_options.KEY=VALUE)",
+                                converter=dict)
     num_samples: int = option(1000, positive_int, help="samples drawn per NFE for the quality metric")
     reference_integrator: str = option(
         "rk4", _non_empty_str, help="integrator of the model's own high-accuracy solve (for ode_error)"

@@ -11,7 +11,7 @@ from t = 1 down to t = 0.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import attrs
 import torch
@@ -80,17 +80,37 @@ class _Named:
     config_class: ClassVar[type] = NoOptions
 
 
+#: Optional backbone capabilities a method may require (checked when the run is resolved).
+#: ``output_heads``: ``forward(..., return_features=True)`` and ``make_output_head()`` (CUD's
+#: extra heads read the features of the network's own output block).
+OUTPUT_HEADS = "output_heads"
+
+
 class Backbone(nn.Module, _Named):
     """A network that maps ``(x, t, cond)`` to an output shaped like ``x``.
 
-    It knows nothing about methods. A method that needs extra output heads (CUD) asks the backbone
-    for its decoder features (``return_features=True``) and for fresh heads that read them
-    (``make_output_head``).
+    It knows nothing about methods. Two things are optional and declared by class attributes, so
+    that a method needing them is refused when the run is resolved, before any work:
+
+    - ``accepts_conditioning``: the backbone takes extra scalar conditioning inputs by name (a
+      step size ``d``, a second time ``r``), given as ``build(..., conditioning=("d",))`` and
+      passed as ``forward(x, t, cond, extra={"d": d})`` with one value per sample. They enter the
+      network's time embedding throughout, like ``t`` itself.
+    - ``capabilities``: e.g. ``{"output_heads"}`` (``OUTPUT_HEADS``): decoder features
+      (``return_features=True``) and fresh heads that read them (``make_output_head``).
     """
 
+    #: True when ``build`` accepts ``conditioning`` names and ``forward`` an ``extra`` mapping.
+    accepts_conditioning: ClassVar[bool] = False
+    #: optional capabilities this backbone implements (``OUTPUT_HEADS``).
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
     @classmethod
-    def build(cls, config: Any, data: DataSpec) -> "Backbone":
-        """Construct the backbone for data of this shape; ``config`` is an instance of ``config_class``."""
+    def build(cls, config: Any, data: DataSpec, conditioning: tuple[str, ...] = ()) -> "Backbone":
+        """Construct the backbone for data of this shape; ``config`` is an instance of
+        ``config_class``; ``conditioning`` names the extra scalar inputs ``forward`` will get."""
+        if conditioning:
+            return cls(config, data, conditioning=tuple(conditioning))  # type: ignore[call-arg]
         return cls(config, data)  # type: ignore[call-arg]
 
     @abc.abstractmethod
@@ -100,16 +120,19 @@ class Backbone(nn.Module, _Named):
         t: torch.Tensor,
         cond: Optional[torch.Tensor] = None,
         *,
+        extra: Optional[Mapping[str, torch.Tensor]] = None,
         return_features: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Network output shaped like ``x``; with ``return_features`` also the features the output
-        block reads (the input of the network's own output head)."""
+        """Network output shaped like ``x``. ``extra``: the conditioning inputs named at build
+        time, each a tensor ``[batch]``. With ``return_features`` (``OUTPUT_HEADS`` backbones)
+        also the features the output block reads (the input of the network's own output head)."""
 
-    @abc.abstractmethod
     def make_output_head(self) -> nn.Module:
-        """A new head with the same structure as the network's own output block: it maps the
-        features returned with ``return_features=True`` to an output shaped like ``x``. Its last
-        layer is initialised near zero so that a new head starts as a small perturbation."""
+        """(``OUTPUT_HEADS``) A new head with the same structure as the network's own output
+        block: it maps the features returned with ``return_features=True`` to an output shaped
+        like ``x``. Its last layer is initialised near zero so that a new head starts as a small
+        perturbation."""
+        raise NotImplementedError(f"backbone {self.name} does not provide {OUTPUT_HEADS}")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -137,6 +160,207 @@ class Dataset(_Named):
     @abc.abstractmethod
     def reference_samples(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` real samples (as many as exist, if fewer) to compare generated samples against."""
+
+    def classifier_recipe(self) -> Optional[dict[str, Any]]:
+        """(Optional capability) The training settings of the small classifier whose features
+        ``classifier_fd`` measures in (``epochs``, ``batch_size``, ``lr``, ``holdout``), for
+        labelled image data; None when the dataset has none (the default)."""
+        return None
+
+    def labelled_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(With ``classifier_recipe``) Every labelled training image in [-1, 1] and its label,
+        in a fixed order: what the classifier trains on."""
+        raise NotImplementedError(f"dataset {self.name} has no labelled images")
+
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling: what a method exposes, samplers, time grids
+
+
+#: ``step_velocity(x, t, t_next)``: the velocity a sampler steps with at ``(x, t)`` during the
+#: step that ends at ``t_next`` (both tensors ``[batch]``). A model that knows its step size
+#: (shortcut models, MeanFlow) uses ``t_next``; an instantaneous velocity ignores it.
+StepVelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``denoise(x, t)``: the model's estimate of the clean sample behind ``x`` at time ``t``.
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``fresh_noise(k)``: the ``k``-th fresh standard-normal draw (k = 0, 1, ...) for the batch being
+#: sampled, shaped like its prior noise; sample i's draws depend only on its own seed and k, so
+#: samples do not change with the batch size.
+NoiseSource = Callable[[int], torch.Tensor]
+
+
+def _straight_path_x0(x: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """x0 = x_t - t v on the straight path x_t = (1 - t) x0 + t eps, v = eps - x0."""
+    return x - t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) * velocity
+
+
+@attrs.frozen
+class SamplingModel:
+    """What a method exposes for sampling, for one batch (its labels bound in).
+
+    A sampler uses what it ``needs`` (``Sampler.needs``): ``velocity`` (ODE samplers) and/or
+    ``denoise`` (consistency-style samplers). ``t_min`` is the data end a ``denoise`` output
+    lives at (consistency models: f(x, t_min) = x).
+    """
+
+    velocity: Optional[StepVelocityFn] = None
+    denoise: Optional[DenoiseFn] = None
+    t_min: float = 0.0
+
+    @classmethod
+    def from_velocity(cls, velocity_fn: VelocityFn) -> "SamplingModel":
+        """An instantaneous velocity field: the step end is ignored; ``denoise`` is the
+        straight-path estimate x0 = x - t v."""
+
+        def step_velocity(x, t, t_next):
+            return velocity_fn(x, t)
+
+        def denoise(x, t):
+            return _straight_path_x0(x, t, velocity_fn(x, t))
+
+        return cls(velocity=step_velocity, denoise=denoise)
+
+    def provides(self) -> frozenset[str]:
+        return frozenset(name for name in ("velocity", "denoise") if getattr(self, name) is not None)
+
+
+@attrs.frozen
+class SamplerContext:
+    """What the core hands a sampler when it is built: the sampling integrator the run or the
+    command chose (``sample.integrator`` / ``--integrator``), for samplers that integrate an ODE,
+    and the integrator registry for samplers that look up further tableaus."""
+
+    integrator: Any  # a ButcherTableau
+    integrators: Any = None
+
+
+class Sampler(_Named):
+    """Turns prior noise into samples along an explicit time grid (t = 1 -> 0).
+
+    The core builds it as ``cls(config, context)``, asks ``steps_for_nfe`` how many grid steps an
+    NFE buys, makes the grid (a registered ``TimeGrid``) and calls ``sample``. Each step hands the
+    model the whole step ``(t, t_next)`` (``SamplingModel.velocity(x, t, t_next)``), so step-size
+    aware models need no tricks.
+    """
+
+    #: what this sampler calls on the ``SamplingModel``: any of "velocity", "denoise".
+    needs: ClassVar[frozenset[str]] = frozenset({"velocity"})
+
+    def __init__(self, config: Any, context: SamplerContext):
+        self.config = config
+        self.context = context
+
+    @abc.abstractmethod
+    def steps_for_nfe(self, nfe: int) -> int:
+        """Grid steps that spend exactly ``nfe`` network evaluations; ``ValueError`` with a
+        sentence saying which NFEs this sampler can spend when ``nfe`` is not one of them."""
+
+    @abc.abstractmethod
+    def sample(
+        self, model: SamplingModel, noise: torch.Tensor, time_grid: torch.Tensor, fresh_noise: NoiseSource
+    ) -> torch.Tensor:
+        """Samples from ``noise`` (the state at ``time_grid[0]``) along the validated float64
+        ``time_grid``; ``fresh_noise`` for samplers that re-noise. No gradients are needed."""
+
+    def describe(self) -> str:
+        """How tables, MLflow params and metric signatures name this sampler with its options
+        (``ode/rk3``, ``consistency``). Default: the registered name."""
+        return self.name
+
+
+class TimeGrid(_Named):
+    """A family of time grids from noise (t = 1) to data (t = 0): ``make(steps)`` returns a grid
+    of ``steps + 1`` points that ``distillkit.validate_time_grid`` accepts. Built as ``cls(config)``;
+    options come from ``sample.grid_options``."""
+
+    def __init__(self, config: Any = None):
+        self.config = self.config_class() if config is None else config
+
+    @abc.abstractmethod
+    def make(self, steps: int) -> torch.Tensor:
+        """The grid with ``steps`` steps; ``TimeGridError`` with one sentence if impossible."""
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+
+
+@attrs.frozen
+class MetricContext:
+    """What a metric may use to prepare its reference and to measure, for one evaluation.
+
+    ``model_for(cond)`` is the evaluated model's ``SamplingModel`` for a batch of labels and
+    ``velocity_for(cond)`` its instantaneous velocity (``Method.velocity_fn``); ``solve(velocity_for,
+    time_grid, integrator)`` integrates a velocity field from exactly the noise (and labels) the
+    evaluated samples start from, ``n`` samples on the CPU. ``reference_samples()`` gives (and
+    caches) ``n`` real samples drawn with ``torch.Generator().manual_seed(seed)``.
+    """
+
+    spec: DataSpec
+    dataset_name: str
+    dataset: Optional[Callable[[], "Dataset"]]  # built lazily: only metrics that need real data call it
+    n: int
+    seed: int
+    labels: Optional[torch.Tensor]
+    device: Any
+    batch_size: int
+    model_for: Callable[[Optional[torch.Tensor]], SamplingModel]
+    velocity_for: Callable[[Optional[torch.Tensor]], VelocityFn]
+    solve: Callable[..., torch.Tensor]
+    reference_samples: Callable[[], torch.Tensor]
+    teacher: Optional["Teacher"] = None
+    sample_config: Any = None  # the run's SampleConfig (reference integrator and steps)
+    runs_dir: str = "distillkit-runs"
+    data_root: str = ""
+    log: Callable[[str], None] = print
+
+
+class Metric(_Named):
+    """A quality measure of generated samples, built as ``cls(config)``.
+
+    The evaluator calls ``problem`` (a sentence, or None when the metric applies to this data),
+    then ``prepare`` once (references, feature networks; everything that can fail fails here,
+    before the first sample is drawn), then ``measure`` per NFE. ``signature`` names the reference
+    a number was measured against; the evaluator records it with every number (together with the
+    sample count, seeds, sampler and weights), so two numbers are comparable exactly when their
+    signatures are equal.
+    """
+
+    #: one line for ``distillkit plugins`` and ``--help``.
+    description: ClassVar[str] = ""
+    #: "images" (3-D samples only) or "any".
+    applies_to: ClassVar[str] = "any"
+
+    def __init__(self, config: Any = None):
+        self.config = self.config_class() if config is None else config
+
+    @property
+    def result_name(self) -> str:
+        """The name the numbers are logged under (``ode_error`` against a teacher is
+        ``ode_error_teacher``). Valid after ``prepare``."""
+        return self.name
+
+    def problem(self, context: MetricContext) -> Optional[str]:
+        """Why this metric cannot measure this data (one sentence), or None."""
+        if self.applies_to == "images" and not context.spec.is_image:
+            return f"{self.name} measures images; {context.dataset_name} samples have shape {context.spec.shape}"
+        return None
+
+    def prepare(self, context: MetricContext) -> None:
+        """Compute or load the reference. Default: nothing."""
+
+    @abc.abstractmethod
+    def measure(self, generated: torch.Tensor, context: MetricContext) -> float:
+        """The metric of ``n`` generated samples (CPU tensor, sample i from seed ``seed + i``)."""
+
+    def signature(self) -> str:
+        """What identifies the reference measured against (file names, sizes). Default: empty."""
+        return ""
+
+    def details(self) -> dict[str, Any]:
+        """What the protocol artifact records about the reference. Default: nothing."""
+        return {}
 
 
 @attrs.frozen
@@ -215,6 +439,20 @@ class MethodContext:
     teacher: Optional["Teacher"] = None  # set for methods with ``requires_teacher``
 
 
+@attrs.frozen
+class Update:
+    """One optimizer update of a training step: ``Method.update_loss(..., update)`` is
+    back-propagated into ``networks`` (only theirs require gradients during it) and each of their
+    optimizers steps. ``loss`` names the objective, for the method and for the logged metrics."""
+
+    loss: str
+    networks: tuple[str, ...]
+
+
+#: The name of a single-network method's one trainable network.
+STUDENT = "student"
+
+
 class Method(_Named):
     """A training objective plus everything it owns: extra heads, target or EMA copies, options.
 
@@ -231,6 +469,26 @@ class Method(_Named):
     #: still busy with the current step, before ``after_step`` runs.
     data_changes_after_step: ClassVar[bool] = False
 
+    # -- sampling ---------------------------------------------------------------------------------
+    #: the registered sampler ``run``, ``sample``, ``eval`` and ``compare`` use unless told otherwise.
+    default_sampler: ClassVar[str] = "ode"
+    #: the samplers this method accepts by name; None: every registered sampler whose ``needs``
+    #: are in ``provides``.
+    samplers: ClassVar[Optional[tuple[str, ...]]] = None
+    #: what ``sampling_model`` provides: "velocity", "denoise".
+    provides: ClassVar[frozenset[str]] = frozenset({"velocity", "denoise"})
+
+    # -- what the method needs from its backbone (checked when the run is resolved) ---------------
+    #: extra scalar conditioning inputs the method feeds the backbone (``d``, ``r``); the backbone
+    #: must have ``accepts_conditioning``.
+    conditioning: ClassVar[tuple[str, ...]] = ()
+    #: optional backbone capabilities the method uses (``distillkit.contracts.OUTPUT_HEADS``).
+    backbone_capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    # -- networks and updates ---------------------------------------------------------------------
+    #: the network that is sampled, evaluated and averaged by the run's EMAs.
+    sampling_network: ClassVar[str] = STUDENT
+
     def __init__(self, config: Any, context: MethodContext):
         self.config = config
         self.context = context
@@ -238,6 +496,41 @@ class Method(_Named):
     def build_student(self, backbone: Backbone) -> nn.Module:
         """The module that is trained, averaged (EMA) and checkpointed. Default: the backbone."""
         return backbone
+
+    def build_networks(self, make_backbone: Callable[..., Backbone]) -> dict[str, nn.Module]:
+        """The method's trainable networks by name. ``make_backbone(conditioning=())`` builds a
+        fresh backbone of the run's kind (``--backbone``, ``backbone_options``) each call.
+        Default: one network, ``{"student": build_student(make_backbone(conditioning=self.conditioning))}``.
+        The trainer gives each network its own optimizer, schedule, clipping and checkpoint; the
+        ``sampling_network`` is sampled, and the networks in ``ema_networks`` are averaged."""
+        return {STUDENT: self.build_student(make_backbone(conditioning=self.conditioning))}
+
+    def optimizer_config(self, network: str, default: Any) -> Any:
+        """The ``distillkit.config.OptimizerConfig`` of ``network``; ``default`` is the run's
+        ``train`` settings (``train.optimizer``, ``train.lr``, ``train.lr_schedule``, ...).
+        Default: ``default`` for every network. A two-network method returns, e.g.,
+        ``attrs.evolve(default, lr=self.config.fake_score_lr)`` for its second network."""
+        return default
+
+    def ema_networks(self) -> tuple[str, ...]:
+        """The networks the run's EMAs (``train.ema_decay``, ...) average. Default: the sampling one."""
+        return (self.sampling_network,)
+
+    def update_plan(self, step: int) -> tuple[Update, ...]:
+        """The updates of optimizer step ``step`` (0-based), in order: which loss updates which
+        networks (e.g. five fake-score updates per generator update). Must depend only on ``step``
+        and the config, so that a resumed run follows the same plan. Default: one update of the
+        one network with ``loss``."""
+        return (Update("loss", (self.sampling_network,)),)
+
+    def update_loss(
+        self, networks: Mapping[str, nn.Module], update: Update, batch: Batch, generator: torch.Generator, step: int
+    ) -> LossOutput:
+        """The loss of one ``update`` of the plan. ``networks`` holds every network by name: the
+        ones being updated as the trainer wraps them (DDP, compile), the others plain and frozen.
+        Default: ``loss(networks[sampling_network], batch, generator, step)``; a multi-network
+        method overrides this instead of ``loss``."""
+        return self.loss(networks[self.sampling_network], batch, generator, step)
 
     def prepare(self, student: nn.Module, context: PrepareContext) -> None:
         """Called once before the first step (and again on resume): generate data from the
@@ -258,9 +551,11 @@ class Method(_Named):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
-    @abc.abstractmethod
     def loss(self, student: nn.Module, batch: Batch, generator: torch.Generator, step: int) -> LossOutput:
-        """The loss for one batch at optimizer step ``step`` (0-based)."""
+        """The loss for one batch at optimizer step ``step`` (0-based). A single-network method
+        implements this; a multi-network one implements ``update_loss`` instead. Random numbers
+        come from ``generator`` (dropout from the global RNG, which the trainer checkpoints)."""
+        raise NotImplementedError(f"method {self.name} implements neither loss nor update_loss")
 
     def velocity_fn(self, student: nn.Module, cond: Optional[torch.Tensor] = None) -> VelocityFn:
         """The velocity field that samplers integrate. Default: the student's output."""
@@ -269,6 +564,13 @@ class Method(_Named):
             return student(x, t, cond)
 
         return velocity
+
+    def sampling_model(self, network: nn.Module, cond: Optional[torch.Tensor] = None) -> SamplingModel:
+        """What samplers use, for a batch with labels ``cond``. Default: ``velocity_fn`` as an
+        instantaneous velocity, and the straight-path x0 estimate as ``denoise``. A step-size
+        aware method returns a ``SamplingModel`` whose velocity reads the step end ``t_next``;
+        a consistency method returns its consistency function as ``denoise``."""
+        return SamplingModel.from_velocity(self.velocity_fn(network, cond))
 
     def network_evals_per_step(self) -> dict[str, int]:
         """Network evaluations spent per training step: ``with_grad`` and ``no_grad`` passes."""

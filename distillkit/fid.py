@@ -30,7 +30,9 @@ import torch
 
 from .contracts import Dataset
 from .errors import UsageError
-from .evaluation import cache_dir, to_uint8, write_atomic
+from .evaluation.cache import cache_dir
+from .evaluation.figures import to_uint8
+from .files import write_atomic
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 WEIGHTS_ENV = "DISTILLKIT_INCEPTION_WEIGHTS"
@@ -241,6 +243,17 @@ def load_reference_stats(dataset: str, extractor_name: str) -> Optional[Referenc
     if meta.get("format") != _STATS_FORMAT or meta.get("feature_extractor") != extractor_name:
         return None
     return ReferenceStats(mu, sigma, path, meta)
+
+
+def require_reference_stats(dataset: str, extractor: FeatureExtractor) -> ReferenceStats:
+    """The cached statistics for (dataset, extractor), or a one-line error saying how to make them."""
+    stats = load_reference_stats(dataset, extractor.name)
+    if stats is None:
+        raise UsageError(
+            f"no FID reference statistics for dataset {dataset} with feature extractor {extractor.name} in "
+            f"{stats_path(dataset, extractor.name).parent}: run `distillkit fid-stats --dataset {dataset}` first"
+        )
+    return stats
 
 
 def reference_stats(

@@ -47,3 +47,18 @@ def distillkit_register_datasets(register):
 @hookspec
 def distillkit_register_teachers(register):
     """Register reference velocity fields: subclasses of ``distillkit.Teacher``."""
+
+
+@hookspec
+def distillkit_register_samplers(register):
+    """Register samplers: subclasses of ``distillkit.Sampler``."""
+
+
+@hookspec
+def distillkit_register_grids(register):
+    """Register time-grid families: subclasses of ``distillkit.TimeGrid``."""
+
+
+@hookspec
+def distillkit_register_metrics(register):
+    """Register quality metrics: subclasses of ``distillkit.Metric``."""

@@ -26,7 +26,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .contracts import Backbone, Dataset, Method, Teacher
+from .contracts import Backbone, Dataset, Method, Metric, Sampler, Teacher, TimeGrid
 from .errors import RegistrationError
 from .integrators.tableau import ButcherTableau
 from .registry import Registry
@@ -40,6 +40,9 @@ HOOK_TO_KIND = {
     "distillkit_register_backbones": "backbones",
     "distillkit_register_datasets": "datasets",
     "distillkit_register_teachers": "teachers",
+    "distillkit_register_samplers": "samplers",
+    "distillkit_register_grids": "grids",
+    "distillkit_register_metrics": "metrics",
 }
 
 
@@ -63,6 +66,29 @@ def _integrator_problem(obj: Any) -> Optional[str]:
     return obj.problem()
 
 
+def _method_problem(obj: Any) -> Optional[str]:
+    problem = _component_problem(Method, obj)
+    if problem is None and obj.loss is Method.loss and obj.update_loss is Method.update_loss:
+        problem = f"{obj.__name__} implements neither loss (one network) nor update_loss (several)"
+    if problem is None and not isinstance(obj.default_sampler, str):
+        problem = f"{obj.__name__}.default_sampler must name a sampler"
+    return problem
+
+
+def _sampler_problem(obj: Any) -> Optional[str]:
+    problem = _component_problem(Sampler, obj)
+    if problem is None and not (isinstance(obj.needs, frozenset) and obj.needs <= {"velocity", "denoise"}):
+        problem = f"{obj.__name__}.needs must be a frozenset of 'velocity' and/or 'denoise'"
+    return problem
+
+
+def _metric_problem(obj: Any) -> Optional[str]:
+    problem = _component_problem(Metric, obj)
+    if problem is None and obj.applies_to not in ("any", "images"):
+        problem = f"{obj.__name__}.applies_to must be 'any' or 'images'"
+    return problem
+
+
 def _dataset_problem(obj: Any) -> Optional[str]:
     problem = _component_problem(Dataset, obj)
     if problem is None and not isinstance(getattr(obj, "default_backbone", None), str):
@@ -72,11 +98,14 @@ def _dataset_problem(obj: Any) -> Optional[str]:
 
 @attrs.define
 class Registries:
-    methods: Registry = attrs.field(factory=lambda: Registry("method", lambda o: _component_problem(Method, o)))
+    methods: Registry = attrs.field(factory=lambda: Registry("method", _method_problem))
     integrators: Registry = attrs.field(factory=lambda: Registry("integrator", _integrator_problem))
     backbones: Registry = attrs.field(factory=lambda: Registry("backbone", lambda o: _component_problem(Backbone, o)))
     datasets: Registry = attrs.field(factory=lambda: Registry("dataset", _dataset_problem))
     teachers: Registry = attrs.field(factory=lambda: Registry("teacher", lambda o: _component_problem(Teacher, o)))
+    samplers: Registry = attrs.field(factory=lambda: Registry("sampler", _sampler_problem))
+    grids: Registry = attrs.field(factory=lambda: Registry("grid", lambda o: _component_problem(TimeGrid, o)))
+    metrics: Registry = attrs.field(factory=lambda: Registry("metric", _metric_problem))
 
     def of_kind(self, kind: str) -> Registry:
         return getattr(self, kind)
@@ -106,6 +135,13 @@ class PluginState:
     @property
     def errors(self) -> dict[str, list[str]]:
         return {name: info.errors for name, info in self.plugins.items() if info.errors}
+
+    def catalogue(self) -> dict[str, list[dict[str, Any]]]:
+        """Every registered thing by kind (``methods``, ..., ``samplers``, ``grids``, ``metrics``):
+        name, aliases and the plugin that provides it, sorted by name."""
+        return {kind: [{"name": entry.name, "aliases": list(entry.aliases), "provider": entry.provider}
+                       for entry in self.registries.of_kind(kind)]
+                for kind in HOOK_TO_KIND.values()}
 
 
 def _names_from_env(variable: str) -> Optional[set[str]]:

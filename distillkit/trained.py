@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import run_config_from_dict
-from .contracts import DataSpec, Method, VelocityFn
+from .contracts import DataSpec, Method, SamplingModel, VelocityFn
 from .errors import UsageError
 from .plugin_manager import get_registries
 from .resolve import Resolved, resolve
@@ -41,6 +41,10 @@ class TrainedModel:
 
     def velocity_fn(self, cond: Optional[torch.Tensor] = None) -> VelocityFn:
         return self.method.velocity_fn(self.model, cond)
+
+    def sampling_model(self, cond: Optional[torch.Tensor] = None) -> SamplingModel:
+        """What samplers use for a batch with labels ``cond`` (``Method.sampling_model``)."""
+        return self.method.sampling_model(self.model, cond)
 
 
 def file_sha256(path: Path) -> str:

@@ -189,3 +189,121 @@ def test_both_backbones_are_registered_by_the_backbones_plugin():
         assert entry.provider == "backbones"
         model = entry.obj.build(entry.obj.config_class(), DataSpec((1, 8, 8) if name == "unet" else (2,)))
         assert isinstance(model, distillkit.Backbone)
+
+
+# ------------------------------------------------------------------- extra conditioning inputs
+
+
+def conditioned_pair(cls, shape, **options):
+    """The same network built without and with a conditioning input ``d``, from the same seed."""
+    return build(cls, shape, **options), build_conditioned(cls, shape, ("d",), **options)
+
+
+def build_conditioned(cls, shape, names, num_classes=None, **options):
+    torch.manual_seed(0)
+    return cls.build(cls.config_class(**options), DataSpec(shape, num_classes), conditioning=names).eval()
+
+
+def block_embeddings(model, blocks, x, t, **kwargs):
+    """The time embedding each block in ``blocks`` is called with, in call order."""
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda module, args: seen.append(args[1])) for b in blocks]
+    model(x, t, **kwargs)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def sinusoid(values, channels):
+    """EDM's positional embedding written out: [cos(v f_i), sin(v f_i)], f_i = 10000^(-i / (half - 1))."""
+    half = channels // 2
+    frequencies = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / (half - 1))
+    phases = values.double()[:, None] * frequencies
+    return torch.cat([phases.cos(), phases.sin()], dim=1).float()
+
+
+@pytest.mark.parametrize("cls, shape", [(UNet, (1, 8, 8)), (MLP, (2,))])
+def test_a_conditioned_network_is_the_plain_one_plus_an_embedding_of_d_added_to_t(cls, shape):
+    plain, conditioned = conditioned_pair(cls, shape)
+    # Every weight of the plain network is drawn exactly as before (the new ones come last) ...
+    plain_state, state = plain.state_dict(), conditioned.state_dict()
+    for key, value in plain_state.items():
+        assert torch.equal(state[key], value), key
+    new = [key for key in state if key not in plain_state]
+    assert new and all(key.startswith("extra_embedding.inputs.d.") for key in new)
+    # ... and d gets an MLP of exactly the shape t goes through.
+    t_mlp, d_mlp = plain.condition_embedding.mlp, conditioned.extra_embedding.inputs["d"].mlp
+    assert [p.shape for p in d_mlp.parameters()] == [p.shape for p in t_mlp.parameters()]
+    assert conditioned.num_parameters() == plain.num_parameters() + sum(p.numel() for p in t_mlp.parameters())
+
+    x, t = inputs(shape, batch=4)
+    d = torch.tensor([0.0, 0.125, 0.5, 1.0])
+    blocks = list(plain.blocks) if cls is MLP else [m for m in plain.modules() if type(m).__name__ == "ResidualBlock"]
+    conditioned_blocks = [dict(conditioned.named_modules())[n] for n, m in plain.named_modules() if m in blocks]
+    with torch.no_grad():
+        t_embedding = block_embeddings(plain, blocks, x, t)[0]
+        expected = t_embedding + d_mlp(sinusoid(d, d_mlp[0].in_features))
+        for seen in block_embeddings(conditioned, conditioned_blocks, x, t, extra={"d": d}):
+            torch.testing.assert_close(seen, expected)
+        # With d's MLP silenced the network is the plain one, bit for bit.
+        d_mlp[2].weight.zero_(), d_mlp[2].bias.zero_()
+        assert torch.equal(conditioned(x, t, extra={"d": d}), plain(x, t))
+
+
+def test_unet_conditioning_reaches_every_resolution_not_only_the_output():
+    # Three resolutions, 8 -> 4 -> 2: d must reach the blocks at the bottleneck, not only the
+    # layers next to the output.
+    model = build_conditioned(UNet, (1, 8, 8), ("d",), channel_mult=[1, 2, 2])
+    x, t = inputs((1, 8, 8), batch=3)
+    d = torch.tensor([0.1, 0.4, 0.9], requires_grad=True)
+
+    bottleneck = {}
+    handle = model.bottleneck[-1].register_forward_hook(lambda module, args, out: bottleneck.__setitem__("h", out))
+    out = model(x, t, extra={"d": d})
+    handle.remove()
+    assert bottleneck["h"].shape[2:] == (2, 2)
+    (grad_out,) = torch.autograd.grad(out.sum(), d, retain_graph=True)
+    (grad_bottleneck,) = torch.autograd.grad(bottleneck["h"].sum(), d)
+    assert (grad_out != 0).all() and (grad_bottleneck != 0).all()
+
+    # Changing d changes the embedding of every block at every level and the bottleneck features.
+    blocks = [m for m in model.modules() if type(m).__name__ == "ResidualBlock"]
+    assert len(blocks) == 5  # two encoder levels, the bottleneck, two decoder levels
+    with torch.no_grad():
+        first = block_embeddings(model, blocks, x, t, extra={"d": d.detach()})
+        second = block_embeddings(model, blocks, x, t, extra={"d": 1.0 - d.detach()})
+        for a, b in zip(first, second):
+            assert not torch.allclose(a, b)
+        features = []
+        handle = model.bottleneck[-1].register_forward_hook(lambda module, args, out: features.append(out))
+        model(x, t, extra={"d": d.detach()}), model(x, t, extra={"d": 1.0 - d.detach()})
+        handle.remove()
+    assert not torch.allclose(features[0], features[1], atol=1e-4)
+
+
+def test_two_conditioning_inputs_are_embedded_separately_and_checked():
+    model = build_conditioned(MLP, (2,), ("d", "r"), num_classes=3)
+    x, t = inputs((2,), batch=3)
+    labels = torch.tensor([0, 1, 2])
+    d, r = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.6, 0.7])
+    with torch.no_grad():
+        both = model(x, t, labels, extra={"d": d, "r": r})
+        # d and r are not interchangeable: each has its own embedding
+        assert not torch.allclose(both, model(x, t, labels, extra={"d": r, "r": d}))
+    with pytest.raises(ValueError, match=r"missing conditioning input\(s\) \['r'\]"):
+        model(x, t, labels, extra={"d": d})
+    with pytest.raises(ValueError, match=r"unknown conditioning input\(s\) \['s'\]"):
+        model(x, t, labels, extra={"d": d, "r": r, "s": r})
+    with pytest.raises(ValueError, match=r"extra\['d'\] must be a tensor of shape \[3\]"):
+        model(x, t, labels, extra={"d": 0.5, "r": r})
+    with pytest.raises(ValueError, match="identifiers"):
+        build_conditioned(MLP, (2,), ("d.x",))
+    with pytest.raises(ValueError, match="distinct"):
+        build_conditioned(MLP, (2,), ("d", "d"))
+
+
+def test_wrong_kind_of_data_is_a_one_line_config_error():
+    with pytest.raises(distillkit.ConfigError) as caught:
+        UNet.build(UNetConfig(), DataSpec((2,)))
+    assert caught.value.option == "backbone" and "\n" not in str(caught.value)
+    assert "needs image data [C, H, W]; the data have shape (2,)" in str(caught.value)

@@ -312,3 +312,83 @@ def test_both_backbones_are_registered_by_the_backbones_plugin():
         entry = registry.entry(name)
         assert entry.obj is cls and entry.provider == "backbones"
         assert isinstance(build(cls, (3, 8, 8), **(SMALL_SONG if cls is SongUNet else SMALL_ADM)), distillkit.Backbone)
+
+
+# ------------------------------------------------------------------- extra conditioning inputs
+
+
+def build_conditioned(cls, shape, names, num_classes=None, **options):
+    torch.manual_seed(0)
+    return cls.build(cls.config_class(**options), DataSpec(shape, num_classes), conditioning=names).eval()
+
+
+def embedding_blocks(model):
+    """Every module that reads the time embedding: the residual blocks at every level."""
+    return [m for m in model.modules() if type(m).__name__ in ("SongBlock", "ADMResBlock")]
+
+
+def calls_with_embedding(model, x, t, **kwargs):
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda module, args: seen.append(args[1])) for b in embedding_blocks(model)]
+    model(x, t, **kwargs)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def t_embedding_parameters(model) -> list:
+    """The learned layers ``t`` goes through after its sinusoid (the label embedding excluded)."""
+    if isinstance(model, SongUNet):
+        return [*model.map0.parameters(), *model.map1.parameters()]
+    return list(model.time_embedding.parameters())
+
+
+@pytest.mark.parametrize("cls, options", [(SongUNet, SMALL_SONG), (ADM, SMALL_ADM)])
+def test_conditioning_adds_an_embedding_of_d_like_t_to_every_block(cls, options):
+    plain = build(cls, (3, 8, 8), num_classes=5, **options)
+    conditioned = build_conditioned(cls, (3, 8, 8), ("d",), num_classes=5, **options)
+    for key, value in plain.state_dict().items():  # the plain weights are drawn as before
+        assert torch.equal(conditioned.state_dict()[key], value), key
+    d_embedding = conditioned.extra_embedding.inputs["d"]
+    assert [p.shape for p in d_embedding.parameters()] == [p.shape for p in t_embedding_parameters(plain)]
+    assert conditioned.num_parameters() == plain.num_parameters() + sum(p.numel() for p in t_embedding_parameters(plain))
+
+    x, t = inputs((3, 8, 8), batch=3)
+    labels = torch.tensor([0, 3, 4])
+    d = torch.tensor([0.0, 0.3, 1.0])
+    # d's sinusoid is t's: EDM's endpoint sinusoid with sin first (DDPM++), guided-diffusion's (ADM)
+    half = plain.config.channels // 2
+    if cls is SongUNet:
+        frequencies = 10000.0 ** (-torch.arange(half) / (half - 1))
+        expected_features = torch.cat([(d[:, None] * frequencies).sin(), (d[:, None] * frequencies).cos()], 1)
+    else:
+        frequencies = 10000.0 ** (-torch.arange(half) / half)
+        expected_features = torch.cat([(d[:, None] * frequencies).cos(), (d[:, None] * frequencies).sin()], 1)
+    torch.testing.assert_close(d_embedding.features(d), expected_features)
+
+    with torch.no_grad():
+        t_only = calls_with_embedding(plain, x, t, cond=labels)
+        with_d = calls_with_embedding(conditioned, x, t, cond=labels, extra={"d": d})
+        assert len(with_d) == len(t_only) == len(embedding_blocks(plain)) > 4
+        for a, b in zip(with_d, t_only):  # every block, at every level, reads t's embedding + d's
+            torch.testing.assert_close(a, b + d_embedding(d))
+        # with d's last layer silenced the network is the plain one
+        last = d_embedding.mlp[2]
+        last.weight.zero_(), last.bias.zero_()
+        assert torch.equal(conditioned(x, t, labels, extra={"d": d}), plain(x, t, labels))
+
+
+@pytest.mark.parametrize("cls, options", [(SongUNet, SMALL_SONG), (ADM, SMALL_ADM)])
+def test_conditioning_reaches_the_deepest_level(cls, options):
+    model = build_conditioned(cls, (1, 8, 8), ("d", "r"), **options)
+    enlarge_output_(model)
+    x, t = inputs((1, 8, 8), batch=3)
+    d, r = torch.tensor([0.1, 0.5, 0.9], requires_grad=True), torch.tensor([0.2, 0.2, 0.2])
+    middle = model.middle[0] if cls is ADM else model.decoder[0]  # the first block at the deepest level, 4x4
+    seen = {}
+    handle = middle.register_forward_hook(lambda module, args, out: seen.__setitem__("h", out))
+    model(x, t, extra={"d": d, "r": r})
+    handle.remove()
+    assert seen["h"].shape[2:] == (4, 4)
+    (grad,) = torch.autograd.grad(seen["h"].sum(), d)
+    assert (grad != 0).all()

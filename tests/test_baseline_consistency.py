@@ -12,7 +12,6 @@ import distillkit
 from distillkit import Batch, DataSpec, MethodContext, PrepareContext
 from distillkit_consistency import (
     ConsistencyFunction,
-    consistency_multistep_sample,
     distance,
     edm_coefficients,
     num_points,
@@ -308,54 +307,27 @@ def test_online_and_target_passes_see_the_same_dropout():
 
 
 # ------------------------------------------------------------------------------------------------
-# the multistep sampler
+# sampling (the multistep sampler itself is the registered ``consistency`` sampler: test_samplers.py)
 
 
-def test_multistep_sampler_reinjects_fresh_noise():
-    f = lambda x, t: 0.5 * x + t.view(-1, 1)  # noqa: E731
-    noise = torch.randn(6, 2, dtype=torch.float64)
-    times, t_min = [1.0, 0.6, 0.25], 0.002
-    out = consistency_multistep_sample(f, noise, times, torch.Generator().manual_seed(11), t_min=t_min)
-    generator = torch.Generator().manual_seed(11)
-    x = 0.5 * noise + 1.0
-    for tau in times[1:]:
-        z = torch.randn(6, 2, generator=generator, dtype=torch.float64)
-        a = (1 - tau) / (1 - t_min)
-        x = 0.5 * (a * x + math.sqrt(tau**2 - (a * t_min) ** 2) * z) + tau
-    torch.testing.assert_close(out, x)
+def test_cd_and_ct_sample_with_the_consistency_sampler_by_default():
+    methods = distillkit.get_registries().methods
+    for name in ("cd", "ct"):
+        assert methods.get(name).default_sampler == "consistency"
 
 
-def test_multistep_sampler_lands_on_the_marginal_for_an_exact_consistency_function():
-    """Data ~ N(m, s^2): the straight-path flow map is affine, so f is exact and every step's
-    re-noised state has exactly the marginal of x_tau; the samples must have mean m, std s."""
-    m, s = 1.5, 0.3
-
-    def f(x, t):  # flow map to t = 0 of x_t = (1 - t) x0 + t eps, x0 ~ N(m, s^2)
-        t = t.view(-1, 1)
-        std_t = ((1 - t) ** 2 * s**2 + t**2).sqrt()
-        return m + s * (x - (1 - t) * m) / std_t
-
-    noise = torch.randn(200_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = consistency_multistep_sample(f, noise, [1.0, 0.7, 0.3], torch.Generator().manual_seed(1))
-    assert float(out.mean()) == pytest.approx(m, abs=0.01)
-    assert float(out.std()) == pytest.approx(s, abs=0.01)
-
-
-def test_multistep_sampler_refuses_bad_times():
-    f = lambda x, t: x  # noqa: E731
-    for times in ([0.5, 0.7], [1.0, 0.001], [], [1.2]):
-        with pytest.raises(ValueError):
-            consistency_multistep_sample(f, torch.zeros(1, 2), times, torch.Generator(), t_min=0.002)
-
-
-def test_method_sample_uses_the_students_t_min():
+def test_sampling_model_denoises_with_the_consistency_function_at_the_students_t_min():
     torch.manual_seed(0)
     cd = method("cd", LinearTeacher(), t_min=0.01)
     f = cd.build_student(mlp()).eval()
     noise = torch.randn(4, 2)
+    model = cd.sampling_model(f)
+    assert model.t_min == 0.01
     with torch.no_grad():
-        one = cd.sample(f, noise, [1.0], torch.Generator())
-        torch.testing.assert_close(one, f(noise, torch.ones(4)))
+        torch.testing.assert_close(model.denoise(noise, torch.ones(4)), f(noise, torch.ones(4)))
+        # the ode sampler's velocity is the implied one: one Euler step to 0 is f(x, 1)
+        v = model.velocity(noise, torch.ones(4), torch.zeros(4))
+        torch.testing.assert_close(noise - v, f(noise, torch.ones(4)), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_options_are_one_line_config_errors():

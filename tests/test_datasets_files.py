@@ -12,7 +12,6 @@ import hashlib
 import math
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from PIL import Image
 
 import distillkit
 from distillkit.cli.main import main
+from distillkit.testing.datasets import cifar_images, idx_bytes, small_mnist, write_cifar, write_idx, write_npz
 from distillkit_datasets import (
     CIFAR10Config,
     Cifar10,
@@ -50,28 +50,6 @@ def one_line_usage_error(excinfo) -> str:
 
 
 # ------------------------------------------------------------------------------ IDX writers
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX format: magic (0, 0, type 0x08 = uint8, number of dims), big-endian int32 dims, data."""
-    assert array.dtype == np.uint8
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">i", n) for n in array.shape)
-    return header + array.tobytes()
-
-
-def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, *, gz: bool = True) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for base, array in [("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)]:
-        data = idx_bytes(array)
-        if gz:
-            (folder / f"{base}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / base).write_bytes(data)
-
-
-def small_mnist(n=12, seed=0, size=28):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, size, size), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
 
 
 @pytest.fixture
@@ -234,28 +212,6 @@ def test_real_mnist_files():
 # ------------------------------------------------------------------------------ CIFAR-10
 
 
-def cifar_images(n, seed):
-    return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
-
-
-def write_cifar(folder: Path, per_batch: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Five python pickle batches (protocol 2, like the real files) and batches.meta."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, labels = [], []
-    for k in range(1, 6):
-        data = cifar_images(per_batch, seed + k)
-        batch_labels = [int(v) for v in np.random.default_rng(100 + k).integers(0, 10, per_batch)]
-        batch = {"batch_label": f"training batch {k} of 5", "labels": batch_labels, "data": data,
-                 "filenames": [f"img_{k}_{i}.png" for i in range(per_batch)]}
-        (folder / f"data_batch_{k}").write_bytes(pickle.dumps(batch, protocol=2))
-        rows.append(data)
-        labels += batch_labels
-    meta = {"num_cases_per_batch": 10000, "label_names": ["airplane", "automobile", "bird", "cat", "deer",
-            "dog", "frog", "horse", "ship", "truck"], "num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return np.concatenate(rows), np.array(labels)
-
-
 UNCHECKED = CIFAR10Config(verify_checksums=False)
 
 
@@ -404,15 +360,6 @@ def test_missing_cifar_files_are_one_line_and_nothing_is_downloaded(tmp_path, no
 
 
 # ------------------------------------------------------------------------------ ImageNet-64
-
-
-def write_npz(path: Path, n: int, seed: int, first_label: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, (n, 12288), dtype=np.uint8)
-    labels = rng.integers(first_label, 1001, n)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, data=data, labels=labels, mean=data.mean(0))
-    return data, labels
 
 
 def test_imagenet64_npz_batches_in_subfolders_are_read_in_batch_order(tmp_path):

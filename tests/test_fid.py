@@ -131,12 +131,13 @@ def test_clean_resize_matches_clean_fid(digits):
 
 def test_eval_fid_with_the_injected_network_needs_the_statistics_first(digits, cache, tmp_path):
     import distillkit
-    from distillkit.cli.evaluate import EvalSettings, evaluate_model
     from distillkit.config import run_config_from_dict
     from distillkit.errors import UsageError
+    from distillkit.evaluation import EvalSettings, evaluate_model
     from distillkit.resolve import resolve
     from distillkit.trained import TrainedModel
     from distillkit.training.build import build_model
+    from distillkit_metrics import Fid
 
     resolved = resolve(run_config_from_dict({"method": "fm", "dataset": "digits"}), distillkit.get_registries())
     method, model = build_model(resolved, digits.spec, torch.device("cpu"), seed=0)
@@ -144,9 +145,11 @@ def test_eval_fid_with_the_injected_network_needs_the_statistics_first(digits, c
     settings = EvalSettings(metrics=("fid", "fd_pixels"), nfes=(1, 2), n=64, seed=5, integrator="euler", grid="uniform")
     extractor = tiny_extractor()
     with pytest.raises(UsageError, match=r"no FID reference statistics for dataset digits .*distillkit fid-stats --dataset digits"):
-        evaluate_model(trained, settings, device=torch.device("cpu"), runs_dir=tmp_path, fid_extractor=extractor)
+        evaluate_model(trained, settings, device=torch.device("cpu"), runs_dir=tmp_path,
+                       metrics={"fid": Fid(extractor=extractor)})
     fid.reference_stats(digits, "digits", extractor, n=200)
-    result = evaluate_model(trained, settings, device=torch.device("cpu"), runs_dir=tmp_path, fid_extractor=extractor)
+    result = evaluate_model(trained, settings, device=torch.device("cpu"), runs_dir=tmp_path,
+                            metrics={"fid": Fid(extractor=extractor)})
     assert set(result.metrics()) == {"eval/fid/nfe1", "eval/fid/nfe2", "eval/fd_pixels/nfe1", "eval/fd_pixels/nfe2"}
     assert all(np.isfinite(v) and v > 0 for v in result.metrics().values())
     assert result.protocol["metrics"]["fid"]["feature_extractor"] == extractor.name
@@ -171,22 +174,24 @@ def test_real_inception_weights_give_2048_features_and_zero_fid_against_themselv
 
 def test_classifier_is_deterministic_cached_and_separates_real_from_noise(tmp_path, monkeypatch):
     from distillkit import classifier
+    from distillkit_datasets import Digits
 
-    images, labels = classifier.labelled_images("digits")
+    dataset = Digits()
+    images, labels = dataset.labelled_images()
     logs = []
     monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path / "a"))
-    first = classifier.classifier_for("digits", images=images, labels=labels, log=logs.append)
+    first = classifier.classifier_for(dataset, "digits", images=images, labels=labels, log=logs.append)
     monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path / "b"))
-    second = classifier.classifier_for("digits", images=images, labels=labels, log=logs.append)
+    second = classifier.classifier_for(dataset, "digits", log=logs.append)  # the dataset's labelled images
     digest = [hashlib.sha256(c.path.read_bytes()).hexdigest() for c in (first, second)]
     assert digest[0] == digest[1]  # the same recipe trains the same bytes
     assert first.path.name == second.path.name and re.match(r"classifier-digits-v1-[0-9a-f]{12}\.pt", first.path.name)
     assert first.holdout_accuracy > 0.85
     sidecar = json.loads(first.path.with_suffix(".json").read_text())
-    assert sidecar["recipe"]["seed"] == 0 and sidecar["recipe"]["epochs"] == classifier.RECIPES["digits"]["epochs"]
+    assert sidecar["recipe"]["seed"] == 0 and sidecar["recipe"]["epochs"] == dataset.classifier_recipe()["epochs"]
     # Cached: a third call loads the file and trains nothing.
     trained_lines = sum("training the digits classifier" in line for line in logs)
-    third = classifier.classifier_for("digits", images=images, labels=labels, log=logs.append)
+    third = classifier.classifier_for(dataset, "digits", images=images, labels=labels, log=logs.append)
     assert sum("training the digits classifier" in line for line in logs) == trained_lines == 2
     assert torch.equal(third.features(images[:5]), second.features(images[:5]))
 
@@ -197,7 +202,7 @@ def test_classifier_is_deterministic_cached_and_separates_real_from_noise(tmp_pa
     blurred = classifier.classifier_fd(torch.nn.functional.avg_pool2d(images[800:1600], 3, 1, 1), reference, first)
     assert real < blurred < noise and noise > 10 * real
     # A changed recipe never reads a stale file.
-    other = classifier.recipe_for("digits", images[:-1], labels[:-1])
+    other = classifier.recipe_for("digits", dataset.classifier_recipe(), images[:-1], labels[:-1])
     assert classifier.classifier_path(other) != first.path
 
 

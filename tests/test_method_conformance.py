@@ -2,12 +2,13 @@
 
 The methods that distil a teacher run twice: with the analytic ``toy2d-exact`` teacher (no
 network, so the student starts from its own weights) and with a tiny trained checkpoint whose
-network has the student's shapes (so the student starts from the teacher's weights). The baseline
-methods also run on class-conditional 8x8 digits with a small U-Net, so labels and image tensors
-are exercised.
+network has the student's shapes (so the student starts from the teacher's weights). Every method
+also runs on class-conditional 8x8 digits with a small U-Net, so labels and image tensors are
+exercised; and a toy two-network method (tests/test_multi_network.py) runs on both.
 """
 
 import pytest
+import torch
 
 import distillkit
 from distillkit.cli.main import main
@@ -84,7 +85,7 @@ class TestClassConditionalImages(MethodConformance):
     backbone_options = {"channels": 8, "channel_mult": [1], "num_groups": 4, "time_embedding_dim": 16}
     batch_size = 8
 
-    @pytest.fixture(params=["cd", "ct", "otcfm", "pd", "rf-distill", "rf-reflow"])
+    @pytest.fixture(params=METHODS)
     def method_name(self, request):
         return request.param
 
@@ -92,4 +93,52 @@ class TestClassConditionalImages(MethodConformance):
         return LabelledTeacher()
 
     def options(self, name):
-        return FAST.get(name, {})
+        return {**FAST.get(name, {}), **NO_WEIGHTS.get(name, {})}
+
+
+# -- multi-network methods, and the base's own checks -------------------------------------------
+
+from test_multi_network import GeneratorAndCritic  # noqa: E402  (a toy generator + critic method)
+
+from distillkit import LossOutput, Method  # noqa: E402
+from distillkit.testing.methods import check_loss_ignores_global_rng  # noqa: E402
+
+
+class TestTwoNetworkMethod(MethodConformance):
+    """Two networks, two optimizers, an update plan (critic, critic, generator)."""
+
+    method_class = GeneratorAndCritic
+
+
+class TestTwoNetworkMethodOnLabelledImages(MethodConformance):
+    method_class = GeneratorAndCritic
+    dataset = "digits"
+    dataset_options = {"class_conditional": True}
+    backbone = "unet"
+    backbone_options = {"channels": 8, "channel_mult": [1], "num_groups": 4, "time_embedding_dim": 16}
+    batch_size = 8
+
+
+class GlobalRandomness(Method):
+    """Flow matching whose noise comes from the global RNG, not from the generator it is given."""
+
+    name = "global-randomness"
+
+    def loss(self, student, batch, generator, step):
+        eps = torch.randn(batch.x.shape)  # the bug the base must catch
+        t = torch.rand(batch.x.shape[0], generator=generator)
+        x_t = (1 - t[:, None]) * batch.x + t[:, None] * eps
+        return LossOutput(torch.nn.functional.mse_loss(student(x_t, t), eps - batch.x))
+
+
+class _GlobalRandomnessConformance(MethodConformance):
+    method_class = GlobalRandomness
+
+
+def test_the_base_fails_a_loss_that_draws_from_the_global_rng(tmp_path):
+    setup = _GlobalRandomnessConformance().build(GlobalRandomness.name, tmp_path)
+    with pytest.raises(AssertionError, match="'loss' loss at step 0 changes with the global torch seed"):
+        check_loss_ignores_global_rng(setup)
+    # the same loss drawing from its generator passes
+    fixed = _GlobalRandomnessConformance().build("fm", tmp_path)
+    check_loss_ignores_global_rng(fixed)

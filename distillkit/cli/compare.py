@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..arguments import check_device, check_writable, first_line, parse_metrics, parse_nfe, parse_positive
 from ..errors import ConfigError, UsageError
-from .evaluate import METRIC_HELP, parse_metrics, parse_nfe, parse_positive
 
 
 def _log(line: str) -> None:
@@ -34,7 +34,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--budget-images", required=True, metavar="N", help="training images per method")
     parser.add_argument("--nfe", default="1,2,4,8,16", metavar="LIST", help="NFEs to evaluate (default: 1,2,4,8,16)")
     parser.add_argument("--metric", "--metrics", dest="metric", default="", metavar="LIST",
-                        help="metrics (default: fd_pixels or energy, classifier_fd where available, ode_error)")
+                        help="registered metrics (default: fd_pixels or energy, classifier_fd where the dataset has a "
+                             "classifier, ode_error)")
+    parser.add_argument("--sampler", default="", metavar="NAME",
+                        help="evaluate every child with this sampler (every method must accept it; options: --set "
+                             "sample.sampler_options.KEY=VALUE); default: each method's own sampler")
     parser.add_argument("--n", default="", metavar="N", help="samples per NFE (default: the config's sample.num_samples, 1000)")
     parser.add_argument("--batch-size", default="", metavar="B", help="training batch size of every method (default 128)")
     parser.add_argument("--teacher", default="", metavar="TEACHER",
@@ -91,6 +95,8 @@ class _Plan:
         base: dict = {"dataset": args.dataset, "device": args.device, "runs_dir": args.runs_dir,
                       "tracking_uri": args.tracking_uri, "experiment": args.experiment, "data_root": args.data_root,
                       "sample": {"nfe": self.nfes}}
+        if args.sampler:
+            base["sample"]["sampler"] = args.sampler
         if args.seed != "":
             base["seed"] = args.seed
         if args.batch_size:
@@ -114,21 +120,6 @@ class _Plan:
         self.experiment = args.experiment
 
 
-def _prepare_references(plan: _Plan, metrics: tuple[str, ...], device, spec):
-    """The classifier and FID statistics every child is measured against, made (or read) once."""
-    from .. import classifier as classifier_mod
-    from .evaluate import prepare_fid
-
-    first = plan.children[0][1]
-    classifier = fid_state = None
-    if "classifier_fd" in metrics:
-        classifier = classifier_mod.classifier_for(plan.args.dataset, data_root=first.config.data_root,
-                                                   dataset_options=first.config.dataset_options, log=_log)
-    if "fid" in metrics:
-        fid_state = prepare_fid(plan.args.dataset, plan.args.inception_weights, device)
-    return classifier, fid_state
-
-
 def _load_teachers(plan: _Plan, spec, device, tracking_uri: str) -> dict:
     """The teachers the children distil, loaded (and so checked) before anything is trained."""
     from ..contracts import TeacherContext
@@ -145,18 +136,6 @@ def _load_teachers(plan: _Plan, spec, device, tracking_uri: str) -> dict:
     return teachers
 
 
-def _check_metrics(metrics: tuple[str, ...], spec, dataset: str) -> None:
-    from .. import classifier
-
-    for metric in metrics:
-        if metric in ("fd_pixels", "fid", "classifier_fd") and not spec.is_image:
-            raise ConfigError("--metric", metric, f"a metric for this data: {dataset} samples have shape {spec.shape}, "
-                              f"not images (use energy, ode_error)")
-        if metric == "classifier_fd" and not classifier.supported(dataset):
-            raise ConfigError("--metric", metric, f"a metric for dataset {dataset}: distillkit has a classifier for "
-                              f"{', '.join(classifier.RECIPES)} only")
-
-
 def _train_child(variant, resolved, identity: str, *, parent_id: str, tracking_uri: str, runs_dir: Path,
                  budget: int, quiet: bool, teachers: dict) -> str:
     """Train one child under the parent, as ``distillkit run`` trains a run; returns its run id."""
@@ -165,7 +144,6 @@ def _train_child(variant, resolved, identity: str, *, parent_id: str, tracking_u
     from ..tracking import MlflowTracker
     from ..training.build import build_dataset
     from ..training.trainer import train
-    from .evaluate import check_device
 
     config = resolved.config
     device = check_device(config.device)
@@ -209,61 +187,17 @@ def _train_child(variant, resolved, identity: str, *, parent_id: str, tracking_u
                          "cost/images_per_second": rate, "cost/training_images": config.train.max_steps * batch},
                         step=0)
     # The end-of-run evaluation measured the distribution metric and ode_error with the protocol
-    # compare uses (unconditional models only: it samples without labels): record it so that
-    # those measurements are not repeated.
-    if dataset.spec.num_classes is None:
-        from .evaluate import EvalSettings, signatures
+    # compare uses: record its signatures so that those measurements are not repeated.
+    signatures = getattr(result.evaluation, "signatures", None)
+    if signatures:
+        from ..evaluation import signature_tags
 
-        sample = config.sample
-        metric = "fd_pixels" if dataset.spec.is_image else "energy"
-        settings = EvalSettings(metrics=(metric, "ode_error"), nfes=tuple(sample.nfe), n=sample.num_samples,
-                                seed=sample.seed, integrator=sample.integrator, grid=sample.grid)
-        reference = get_registries().integrators.get(sample.reference_integrator).name
-        signed = signatures(settings, step=config.train.max_steps, sampler=resolved.sample_integrator.name,
-                            ode_reference=f"own:{reference}x{sample.reference_steps}")
-        nfes = ",".join(str(k) for k in sorted(sample.nfe))
-        tracker.set_tags({f"distillkit.eval.{name}": f"{sig} nfe={nfes}" for name, sig in signed.items()})
+        tracker.set_tags(signature_tags("eval", signatures, config.sample.nfe))
     tracker.finish("FINISHED")
     return tracker.run_id
 
 
-def _evaluate_child(run_id: str, plan: _Plan, metrics: tuple[str, ...], tracking_uri: str, references) -> dict:
-    """Measure what this child lacks under the comparison's protocol; return metric -> {nfe: value}."""
-    import attrs
-    from mlflow.tracking import MlflowClient
-
-    from ..plugin_manager import get_registries
-    from .evaluate import EvalSettings, evaluate_model, measured_nfes, log_evaluation, open_run, signatures
-
-    classifier, fid_state = references
-    client = MlflowClient(tracking_uri=tracking_uri)
-    opened = open_run(run_id, runs_dir=str(plan.runs_dir), tracking_uri=tracking_uri, weights="ema",
-                      device=plan.args.device)
-    trained = opened.trained
-    sample = trained.resolved.config.sample
-    settings = EvalSettings(metrics=metrics, nfes=tuple(plan.nfes), n=sample.num_samples, seed=sample.seed,
-                            integrator=sample.integrator, grid=sample.grid, inception_weights=plan.args.inception_weights,
-                            data_root=plan.args.data_root)
-    reference = trained.resolved.sample_integrator
-    ref_integrator = get_registries().integrators.get(sample.reference_integrator).name
-    expected = signatures(settings, step=trained.step, sampler=reference.name, classifier=classifier,
-                          fid_stats=fid_state[1] if fid_state else None,
-                          ode_reference=f"own:{ref_integrator}x{sample.reference_steps}")
-    tags = client.get_run(run_id).data.tags
-    todo = {m: set(plan.nfes) - measured_nfes(tags.get(f"distillkit.eval.{m}"), expected.get(m, "")) for m in metrics}
-    missing = tuple(m for m in metrics if todo[m])
-    if missing:
-        nfes = tuple(sorted(set().union(*todo.values())))
-        _log(f"  evaluating {', '.join(missing)} at NFE {','.join(map(str, nfes))}")
-        result = evaluate_model(trained, attrs.evolve(settings, metrics=missing, nfes=nfes), device=opened.device,
-                                runs_dir=plan.runs_dir, tracking_uri=tracking_uri, run_id=run_id,
-                                fid_state=fid_state, classifier=classifier, log=_log)
-        log_evaluation(result, run_id, tracking_uri, trained.step)
-    latest = client.get_run(run_id).data.metrics
-    return {m: {k: latest.get(f"eval/{m}/nfe{k}", float("nan")) for k in plan.nfes} for m in metrics}
-
-
-def _row(run_id: str, variant, resolved, reused: bool, values: dict, client):
+def _row(run_id: str, variant, resolved, reused: bool, values: dict, sampler: str, client):
     from ..comparison import Row
 
     metrics = client.get_run(run_id).data.metrics
@@ -276,7 +210,7 @@ def _row(run_id: str, variant, resolved, reused: bool, values: dict, client):
         train_seconds=metrics.get("cost/train_seconds", float("nan")),
         wall_seconds=metrics.get("cost/wall_seconds", float("nan")),
         images_per_second=metrics.get("cost/images_per_second", float("nan")),
-        values=values,
+        values=values, sampler=sampler,
     )
 
 
@@ -287,20 +221,18 @@ def command(args: argparse.Namespace) -> int:
     from .. import comparison
     from ..config import flatten
     from ..training.build import build_dataset
+    from ..evaluation import default_metrics
     from ..tracking import MlflowTracker, resolve_tracking_uri, ui_command
-    from .evaluate import check_device, default_metrics
-    from .run import check_writable
 
+    requested = parse_metrics(args.metric) if args.metric else None
     plan = _Plan(args)
     first = plan.children[0][1]
     device = check_device(first.config.device)
-    spec = build_dataset(first).spec  # also checks the data files before anything is trained
-    if args.metric:
-        metrics = parse_metrics(args.metric)
-    else:
-        metrics = default_metrics(spec, args.dataset)
-    _check_metrics(metrics, spec, args.dataset)
-    references = _prepare_references(plan, metrics, device, spec)
+    dataset = build_dataset(first)  # also checks the data files before anything is trained
+    spec = dataset.spec
+    metrics = requested or default_metrics(spec, dataset)
+    prepared = comparison.prepare_metrics(first, dataset, metrics, plan.nfes, device=device, runs_dir=plan.runs_dir,
+                                          data_root=args.data_root, inception_weights=args.inception_weights, log=_log)
     tracking_uri = resolve_tracking_uri(args.tracking_uri, plan.runs_dir)
     teachers = _load_teachers(plan, spec, device, tracking_uri)
     check_writable(plan.runs_dir)
@@ -312,8 +244,7 @@ def command(args: argparse.Namespace) -> int:
         experiment = client.get_experiment_by_name(plan.experiment)
         parent_id = comparison.find_parent(client, experiment.experiment_id, plan.parent_identity) if experiment else None
     except MlflowException as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot use MLflow tracking store {tracking_uri}: {first_line}") from None
+        raise UsageError(f"cannot use MLflow tracking store {tracking_uri}: {first_line(exc)}") from None
     if parent_id is None:
         parent = MlflowTracker(tracking_uri, plan.experiment, plan.runs_dir / "artifacts",
                                run_name=f"compare-{args.dataset}-{plan.budget}img", tags=parent_tags)
@@ -339,8 +270,10 @@ def command(args: argparse.Namespace) -> int:
                      f"{config.train.batch_size} = {config.train.max_steps * config.train.batch_size:,} images")
                 child_id = _train_child(variant, resolved, identity, parent_id=parent.run_id, tracking_uri=tracking_uri,
                                         runs_dir=plan.runs_dir, budget=plan.budget, quiet=args.quiet, teachers=teachers)
-            values = _evaluate_child(child_id, plan, metrics, tracking_uri, references)
-            rows.append(_row(child_id, variant, resolved, reused, values, client))
+            values, sampler = comparison.evaluate_child(child_id, prepared, plan.nfes, runs_dir=plan.runs_dir,
+                                                        tracking_uri=tracking_uri, device=args.device,
+                                                        sampler=args.sampler, data_root=args.data_root, log=_log)
+            rows.append(_row(child_id, variant, resolved, reused, values, sampler, client))
     except BaseException:
         parent.finish("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
         raise
@@ -348,8 +281,8 @@ def command(args: argparse.Namespace) -> int:
     sample = first.config.sample
     header = {"dataset": args.dataset, "budget_images": plan.budget, "parent_run_id": parent.run_id,
               "experiment": plan.experiment, "n": sample.num_samples, "seed": sample.seed,
-              "sampler": first.sample_integrator.name, "grid": sample.grid,
-              "descriptions": {m: METRIC_HELP[m] for m in metrics}}
+              "sampler": ", ".join(dict.fromkeys(r.sampler for r in rows)), "grid": sample.grid,
+              "descriptions": {m: prepared[m].description for m in metrics}}
     names = list(metrics)
     markdown = comparison.markdown_table(rows, names, plan.nfes, header)
     with tempfile.TemporaryDirectory(prefix="distillkit-compare-") as scratch:

@@ -91,7 +91,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     state = plugin_state()
     infos = [info.to_json() for info in sorted(state.plugins.values(), key=lambda i: i.name)]
     if args.json:
-        print(json.dumps({"plugins": infos}, indent=2))
+        print(json.dumps({"plugins": infos, **state.catalogue()}, indent=2))
         return 0
     for info in infos:
         dist = f"{info['distribution']} {info['version']}" if info["distribution"] else "not from a distribution"

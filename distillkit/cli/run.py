@@ -7,15 +7,15 @@ import datetime
 import hashlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import tomli_w
 
+from ..arguments import check_device_available, check_writable
 from ..config import default_runs_dir, flatten, run_config_from_dict
 from ..contracts import TeacherContext
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError
 from ..plugin_manager import get_registries
 from ..resolve import Resolved, resolve
 from ..teachers import load_teacher
@@ -27,33 +27,6 @@ RESUMABLE = {
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
     "train.sample_every",
 }
-
-
-def check_writable(directory: Path) -> None:
-    """Fail before any work when the runs directory cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"runs directory {directory} is not writable ({exc.strerror or exc})") from None
-
-
-def check_device_available(name: str):
-    """The torch device ``name`` (already a valid --device value) names, if this machine has it;
-    else a one-line ConfigError naming what it has."""
-    import torch
-
-    from ..training.build import pick_device
-
-    device = pick_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", name, "cpu or auto: no CUDA device is visible on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError("device", name, f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device", name, "cpu or auto: MPS is not available on this machine")
-    return device
 
 
 def _toml_ready(tree):
@@ -195,7 +168,8 @@ def _train(args, resolved: Resolved, resume_payload, resume_path) -> int:
     variant = f" ({config.integrator})" if resolved.method_cls.uses_integrator else ""
     print(f"{config.method}{variant} on {config.dataset}: final training loss {result.final_loss:.4f}, "
           f"{result.images_per_second:.0f} images/s")
-    print(f"quality per NFE ({resolved.sample_integrator.name} sampler, {config.sample.num_samples} samples, EMA weights; "
+    sampler = result.evaluation.sampler or f"{resolved.sampler.describe()}/{resolved.grid.name}"
+    print(f"quality per NFE ({sampler} sampler/grid, {config.sample.num_samples} samples, EMA weights; "
           f"ode_error: RMS distance to a {config.sample.reference_steps}-step "
           f"{config.sample.reference_integrator} solve):")
     print(result.evaluation.table())

@@ -18,7 +18,9 @@ or, to check several methods, with a fixture named ``method_name`` in the test m
         pass
 
 Every check runs on the CPU in a few milliseconds: a tiny backbone (the ``mlp`` with 16 hidden
-units) on ``toy2d``, one optimizer step. A method that ``requires_teacher`` gets the teacher named
+units) on ``toy2d``, a few optimizer steps. A multi-network method (``build_networks``,
+``update_plan``) is stepped through its plan as the trainer steps it: each update with only its
+networks requiring gradients, one Adam per network. A method that ``requires_teacher`` gets the teacher named
 by ``teacher`` (the analytic ``toy2d-exact`` by default; any ``--teacher`` value works, e.g. a
 checkpoint file). Override ``options(name)`` to give a method options that keep it fast, and the
 class attributes below to use other data or another backbone.
@@ -30,9 +32,14 @@ What is checked, for each method:
 - ``prepare`` + ``train_set`` give items the trainer's loader collates into a ``Batch``;
 - one training step: a finite scalar loss with a graph, finite gradients that reach every
   parameter that requires one, float metrics, and ``after_step`` runs;
-- the method's state (``state_dict``) and the student's weights survive ``torch.save`` and
+- every update of the plan's first steps: a finite loss whose gradients reach every trainable
+  parameter of the networks it updates and none of the others, which its step leaves unchanged;
+- the loss draws its random numbers from the generator it is given, never from the global RNG
+  (checked with the networks in eval mode, so that dropout does not count): the same generator
+  seed under two global seeds gives bit-identical losses;
+- the method's state (``state_dict``) and every network's weights survive ``torch.save`` and
   ``torch.load(weights_only=True)`` (how checkpoints store them) and restore a fresh method and
-  student to the same next loss and the same velocity;
+  networks to the same next loss and the same velocity;
 - determinism: two setups with the same seed give bit-identical losses, before and after a step;
 - ``velocity_fn`` is shaped like ``x`` and finite at every t in [0, 1], and a method rebuilt
   without its teacher (as ``load_trained_model`` rebuilds a run) can still sample;
@@ -53,7 +60,7 @@ import tomli_w
 import torch
 
 from ..config import build_attrs, flatten, to_dict
-from ..contracts import Batch, Method, MethodContext, PrepareContext, TeacherContext
+from ..contracts import Batch, Method, MethodContext, PrepareContext, TeacherContext, Update
 from ..integrators import integrate, uniform_grid
 from ..plugin_manager import get_registries
 from ..teachers import load_teacher
@@ -67,11 +74,63 @@ class Setup:
     """One method wired up the way the trainer wires it, before any step."""
 
     method: Method
-    student: torch.nn.Module
+    student: torch.nn.Module  # the sampling network
     dataset: Any
     batch: Batch
     artifacts: list  # (path, folder) pairs given to log_artifact
     output_dir: Path
+    networks: dict = attrs.field(factory=dict)  # every trainable network by name (the student among them)
+    optimizers: dict = attrs.field(factory=dict)  # one Adam per network, made at its first update
+    #: each network's parameters that require a gradient after ``prepare`` (what updates toggle)
+    trainable: dict = attrs.field(factory=dict)
+
+
+def _trainable(setup: Setup) -> dict[str, list]:
+    if not setup.trainable:
+        setup.trainable = {name: [p for p in network.parameters() if p.requires_grad]
+                           for name, network in setup.networks.items()}
+    return setup.trainable
+
+
+def freeze_all_but(setup: Setup, updated: tuple[str, ...]) -> None:
+    """What the trainer does during an update: only the updated networks require gradients."""
+    for name, parameters in _trainable(setup).items():
+        for parameter in parameters:
+            parameter.requires_grad_(name in updated)
+
+
+def update_loss(setup: Setup, update: Update, step: int = 0, seed: int = 1):
+    """One update's loss with the trainer's per-update generator and a seeded dropout RNG."""
+    torch.manual_seed(seed)
+    return setup.method.update_loss(setup.networks, update, setup.batch, torch.Generator().manual_seed(seed), step)
+
+
+def check_loss_ignores_global_rng(setup: Setup, steps: int = 3) -> None:
+    """Every update of the first ``steps`` steps gives the same loss for the same generator seed
+    under two different global torch seeds, with the networks in eval mode (no dropout): the loss
+    draws no random number from the global RNG. Raises ``AssertionError`` naming the update."""
+    modes = {name: network.training for name, network in setup.networks.items()}
+    for network in setup.networks.values():
+        network.eval()
+    try:
+        for step in range(steps):
+            for update in setup.method.update_plan(step):
+                freeze_all_but(setup, update.networks)
+                losses = []
+                for global_seed in (11, 12):
+                    torch.manual_seed(global_seed)
+                    generator = torch.Generator().manual_seed(5)
+                    with torch.no_grad():
+                        output = setup.method.update_loss(setup.networks, update, setup.batch, generator, step)
+                    losses.append(output.loss.detach().clone())
+                assert torch.equal(losses[0], losses[1]), (
+                    f"the {update.loss!r} loss at step {step} changes with the global torch seed "
+                    f"({float(losses[0])} vs {float(losses[1])}): it draws random numbers from the global RNG "
+                    "instead of the generator it is given")
+    finally:
+        freeze_all_but(setup, tuple(setup.networks))
+        for name, network in setup.networks.items():
+            network.train(modes[name])
 
 
 def assert_same_state(actual: Any, expected: Any, where: str = "state") -> None:
@@ -165,10 +224,19 @@ class MethodConformance:
         )
         method = method_cls(build_attrs(method_cls.config_class, self.options(name), "method_options."), context)
         backbone_cls = registries.backbones.get(self.backbone)
+        backbone_config = build_attrs(backbone_cls.config_class, dict(self.backbone_options), "backbone_options.")
+
+        def make_backbone(conditioning: tuple[str, ...] = ()):
+            if conditioning:
+                return backbone_cls.build(backbone_config, spec, tuple(conditioning))
+            return backbone_cls.build(backbone_config, spec)
+
         torch.manual_seed(seed)
-        backbone = backbone_cls.build(build_attrs(backbone_cls.config_class, dict(self.backbone_options),
-                                                  "backbone_options."), spec)
-        student = method.build_student(backbone)
+        networks = method.build_networks(make_backbone)
+        assert isinstance(networks, dict) and method.sampling_network in networks, \
+            f"build_networks must return a dict holding the sampling network {method.sampling_network!r}"
+        assert set(method.ema_networks()) <= set(networks), "ema_networks names networks build_networks did not build"
+        student = networks[method.sampling_network]
         artifacts: list = []
         output_dir = Path(tmp_path) / f"{name}-seed{seed}"
         batch = None
@@ -182,22 +250,48 @@ class MethodConformance:
             loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, shuffle=True, drop_last=True,
                                                  generator=torch.Generator().manual_seed(seed))
             batch = Batch.from_item(next(iter(loader)))
-        student.train()
-        return Setup(method, student, dataset, batch, artifacts, output_dir)
+        for network in networks.values():
+            network.train()
+        setup = Setup(method, student, dataset, batch, artifacts, output_dir, networks=dict(networks))
+        _trainable(setup)  # captured after prepare, as the trainer does
+        return setup
 
     def loss(self, setup: Setup, step: int = 0, seed: int = 1):
-        """The loss of ``setup``'s batch with the trainer's per-step generator and dropout RNG."""
-        torch.manual_seed(seed)
-        return setup.method.loss(setup.student, setup.batch, torch.Generator().manual_seed(seed), step)
+        """The loss of the first update of step ``step``'s plan (for a single-network method: its
+        ``loss``) with the trainer's per-step generator and dropout RNG."""
+        update = setup.method.update_plan(step)[0]
+        freeze_all_but(setup, update.networks)
+        return update_loss(setup, update, step, seed)
 
     def train_step(self, setup: Setup, step: int = 0) -> float:
-        optimizer = torch.optim.Adam(setup.student.parameters(), lr=1e-3)
-        output = self.loss(setup, step)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step()
+        """Optimizer step ``step`` as the trainer takes it: each update of the plan with only its
+        networks trainable, one Adam per network; the first update's loss."""
+        losses = []
+        for index, update in enumerate(setup.method.update_plan(step)):
+            freeze_all_but(setup, update.networks)
+            output = update_loss(setup, update, step, seed=1 + index)
+            for name in update.networks:
+                if name not in setup.optimizers:
+                    setup.optimizers[name] = torch.optim.Adam(setup.networks[name].parameters(), lr=1e-3)
+                setup.optimizers[name].zero_grad(set_to_none=True)
+            output.loss.backward()
+            for name in update.networks:
+                setup.optimizers[name].step()
+            losses.append(float(output.loss.detach()))
+        freeze_all_but(setup, tuple(setup.networks))
         setup.method.after_step(setup.student, step)
-        return float(output.loss.detach())
+        return losses[0]
+
+    def plan_updates(self, setup: Setup, steps: int = 6) -> list[tuple[int, Update]]:
+        """(step, update) for the first distinct updates (by loss and networks) of the plan."""
+        seen, out = set(), []
+        for step in range(steps):
+            for update in setup.method.update_plan(step):
+                key = (update.loss, tuple(update.networks))
+                if key not in seen:
+                    seen.add(key)
+                    out.append((step, update))
+        return out
 
     # -- the contract ---------------------------------------------------------------------------
 
@@ -228,6 +322,10 @@ class MethodConformance:
         for path, _ in setup.artifacts:
             assert path.is_file(), f"log_artifact was given {path}, which does not exist"
 
+    def _first_update_parameters(self, setup: Setup):
+        update = setup.method.update_plan(0)[0]
+        return [(f"{name}.{n}", p) for name in update.networks for n, p in setup.networks[name].named_parameters()]
+
     def test_one_cpu_training_step(self, method_name, tmp_path):
         setup = self.build(method_name, tmp_path)
         output = self.loss(setup)
@@ -235,38 +333,74 @@ class MethodConformance:
         assert torch.isfinite(output.loss), f"loss {output.loss}"
         assert all(isinstance(k, str) and math.isfinite(float(v)) for k, v in output.metrics.items())
         output.loss.backward()
-        grads = [p.grad for p in setup.student.parameters() if p.requires_grad and p.grad is not None]
+        grads = [p.grad for _, p in self._first_update_parameters(setup) if p.requires_grad and p.grad is not None]
         assert grads, "no parameter received a gradient"
         assert all(torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads), "every gradient is zero"
+        freeze_all_but(setup, tuple(setup.networks))
         setup.method.after_step(setup.student, 0)
         assert math.isfinite(self.train_step(setup, 1))
 
     def test_gradients_reach_every_trainable_parameter(self, method_name, tmp_path):
         setup = self.build(method_name, tmp_path)
         self.loss(setup).loss.backward()
-        missing = [n for n, p in setup.student.named_parameters() if p.requires_grad and p.grad is None]
+        missing = [n for n, p in self._first_update_parameters(setup) if p.requires_grad and p.grad is None]
         assert not missing, f"parameters the loss never reaches: {missing}"
+
+    def test_every_update_reaches_its_networks_and_leaves_the_others(self, method_name, tmp_path):
+        setup = self.build(method_name, tmp_path)
+        trainable = _trainable(setup)
+        plan = self.plan_updates(setup)
+        assert plan and all(isinstance(u, Update) for _, u in plan), "update_plan must return Update objects"
+        for step, update in plan:
+            assert update.networks and set(update.networks) <= set(setup.networks), f"{update} names unknown networks"
+            for network in setup.networks.values():
+                network.zero_grad(set_to_none=True)
+            frozen = {name: [p.detach().clone() for p in setup.networks[name].parameters()]
+                      for name in setup.networks if name not in update.networks}
+            freeze_all_but(setup, update.networks)
+            output = update_loss(setup, update, step)
+            assert output.loss.dim() == 0 and torch.isfinite(output.loss), f"{update.loss} loss {output.loss}"
+            output.loss.backward()
+            for name in update.networks:
+                missing = [n for n, p in setup.networks[name].named_parameters()
+                           if any(p is q for q in trainable[name]) and p.grad is None]
+                assert not missing, f"the {update.loss!r} update never reaches {name}'s {missing}"
+                assert all(torch.isfinite(p.grad).all() for p in trainable[name] if p.grad is not None)
+            for name, before in frozen.items():
+                parameters = list(setup.networks[name].parameters())
+                assert all(p.grad is None for p in parameters), f"the {update.loss!r} update gave {name} gradients"
+                assert all(torch.equal(p, b) for p, b in zip(parameters, before)), \
+                    f"the {update.loss!r} update changed the weights of {name}, which it does not update"
+        freeze_all_but(setup, tuple(setup.networks))
+
+    def test_loss_draws_randomness_only_from_its_generator(self, method_name, tmp_path):
+        check_loss_ignores_global_rng(self.build(method_name, tmp_path))
 
     def test_state_round_trips_through_a_checkpoint(self, method_name, tmp_path):
         first = self.build(method_name, tmp_path)
         self.train_step(first, 0)
         self.train_step(first, 1)
         buffer = io.BytesIO()
-        torch.save({"student": first.student.state_dict(), "method": first.method.state_dict()}, buffer)
+        torch.save({"networks": {name: net.state_dict() for name, net in first.networks.items()},
+                    "method": first.method.state_dict()}, buffer)
         buffer.seek(0)
         payload = torch.load(buffer, weights_only=True)  # what checkpoints allow
 
         second = self.build(method_name, tmp_path, seed=self.seed + 1)
-        second.student.load_state_dict(payload["student"])
+        for name, network in second.networks.items():
+            network.load_state_dict(payload["networks"][name])
         second.method.load_state_dict(payload["method"])
         assert_same_state(second.method.state_dict(), first.method.state_dict(), "method.state_dict()")
         second.batch = first.batch
-        assert float(self.loss(second, 2).loss.detach()) == float(self.loss(first, 2).loss.detach())
+        for step, update in self.plan_updates(first):
+            assert float(update_loss(second, update, step).loss.detach()) == \
+                float(update_loss(first, update, step).loss.detach()), f"the {update.loss!r} loss after a restore"
         spec = first.dataset.spec
         x = torch.randn(4, *spec.shape, generator=torch.Generator().manual_seed(0))
         t = torch.tensor([1.0, 0.7, 0.3, 0.0])
-        first.student.eval(), second.student.eval()
+        for network in (*first.networks.values(), *second.networks.values()):
+            network.eval()
         with torch.no_grad():
             torch.testing.assert_close(second.method.velocity_fn(second.student, _labels(spec, 4))(x, t),
                                        first.method.velocity_fn(first.student, _labels(spec, 4))(x, t),

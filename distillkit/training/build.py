@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 import torch
@@ -18,7 +18,8 @@ class Components:
     dataset: Dataset
     spec: DataSpec
     method: Method
-    student: nn.Module
+    student: nn.Module  # the sampling network
+    networks: dict = attrs.field(factory=dict)  # every trainable network by name (the student among them)
 
 
 def pick_device(name: str) -> torch.device:
@@ -43,14 +44,36 @@ def build_method(resolved: Resolved, spec: DataSpec, *, teacher: Optional[Teache
     return resolved.method_cls(resolved.method_config, context)
 
 
+def backbone_factory(resolved: Resolved, spec: DataSpec) -> Callable[..., nn.Module]:
+    """``make_backbone(conditioning=())``: a fresh backbone of the run's kind on each call."""
+
+    def make_backbone(conditioning: tuple[str, ...] = ()) -> nn.Module:
+        if conditioning:
+            return resolved.backbone_cls.build(resolved.backbone_config, spec, tuple(conditioning))
+        return resolved.backbone_cls.build(resolved.backbone_config, spec)  # backbones of the first contract too
+
+    return make_backbone
+
+
+def build_networks(
+    resolved: Resolved, spec: DataSpec, device: torch.device, *, seed: int, teacher: Optional[Teacher] = None
+) -> tuple[Method, dict[str, nn.Module]]:
+    """The method and all its trainable networks by name; initial weights depend only on ``seed``."""
+    method = build_method(resolved, spec, teacher=teacher)
+    torch.manual_seed(seed)
+    networks = method.build_networks(backbone_factory(resolved, spec))
+    if not isinstance(networks, dict) or method.sampling_network not in networks:
+        raise TypeError(f"method {resolved.config.method}: build_networks must return a dict of networks "
+                        f"that holds its sampling network {method.sampling_network!r}")
+    return method, {name: network.to(device) for name, network in networks.items()}
+
+
 def build_model(
     resolved: Resolved, spec: DataSpec, device: torch.device, *, seed: int, teacher: Optional[Teacher] = None
 ) -> tuple[Method, nn.Module]:
-    """The method and its student for data of ``spec``; initial weights depend only on ``seed``."""
-    method = build_method(resolved, spec, teacher=teacher)
-    torch.manual_seed(seed)
-    backbone = resolved.backbone_cls.build(resolved.backbone_config, spec)
-    return method, method.build_student(backbone).to(device)
+    """The method and its sampling network (the student) for data of ``spec``."""
+    method, networks = build_networks(resolved, spec, device, seed=seed, teacher=teacher)
+    return method, networks[method.sampling_network]
 
 
 def build_dataset(resolved: Resolved) -> Dataset:

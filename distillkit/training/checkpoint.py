@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UsageError
+from ..files import save_atomic  # noqa: F401 - the one atomic save; the trainer imports it from here
 
 FORMAT = "distillkit-checkpoint"
-VERSION = 1
-
-
-def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write to a temporary file in the same directory, flush it to disk, then rename over ``path``.
-
-    A crash in the middle leaves the previous file at ``path`` untouched (rename is atomic on POSIX).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+#: 2: several networks (``networks``, ``optimizers``, ``schedulers``, ...); version 1 is read too.
+VERSION = 2
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -1,43 +1,41 @@
 """The trainer. It calls only the Method contract: no method is known by name.
 
-One loop serves one process and ``torchrun`` with DDP alike. Every random number a step draws is
-either reseeded from (seed, step, micro-batch) — the loss generator — or saved in the checkpoint —
-the global torch state that dropout uses, the data position — so a resumed run continues exactly
-where the interrupted one was.
+One loop serves one process and ``torchrun`` with DDP alike, and one network or several: each
+network has its own optimizer, schedule, clipping and EMAs (``program``), a step runs the updates
+of the method's plan (``step``), and ``train`` below only wires the pieces together. Every random
+number a step draws is either reseeded from (seed, step, micro-batch, update) — the loss
+generator — or saved in the checkpoint — the global torch state that dropout uses, the data
+position — so a resumed run continues exactly where the interrupted one was.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import resource
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import attrs
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from ..config import flatten
-from ..contracts import Batch, Dataset, PrepareContext, Teacher
-from ..errors import ConfigError, TrainingFailed
-from ..evaluation import Evaluation, class_labels, evaluate, save_sample_figure
-from ..plugin_manager import get_registries
+from ..contracts import Batch, Dataset, Method, PrepareContext, Teacher
+from ..errors import ConfigError
+from ..evaluation import Evaluation, class_labels, end_of_run, sample_grid, save_sample_figure
 from ..resolve import Resolved
-from ..sampling import prior_noise, sample_ode, sampling_grid, steps_for_nfe
+from ..sampling import prior_noise
 from ..trained import CONVENTION
 from ..tracking import Tracker
-from .build import Components, build_dataset, build_model, count_parameters, describe
-from .checkpoint import FORMAT, VERSION, save_atomic
+from .build import Components, build_dataset, build_networks, count_parameters, describe
+from .checkpointer import Checkpointer
 from .distributed import Distributed
-from .ema import make_emas
-from .state import EpochBatches, capture_rng, link_latest, prune, restore_rng, step_file
+from .program import TrainingState, build_state
+from .progress import MetricWindow, Progress, peak_memory_mb
+from .state import EpochBatches, restore_rng
+from .step import StepSetup, micro_batch_seed, run_step  # noqa: F401  (micro_batch_seed: public)
 
 # torchdata 0.11 calls a deprecated torch API on every loader; the warning means nothing to users.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -58,78 +56,105 @@ class RunResult:
     resumed_from_step: int = 0
 
 
-def micro_batch_seed(seed: int, step: int, micro: int) -> int:
-    """The loss generator's seed for one micro-batch: a pure function of (seed, step, micro), so
-    resuming needs no generator state and a DDP rank draws what the same chunk draws in one process."""
-    return (seed * 0x9E3779B1 + step * 1_000_003 + micro * 7_919) % (2**63 - 1)
-
-
-def _warmup(warmup_steps: int) -> Callable[[int], float]:
-    if warmup_steps == 0:
-        return lambda step: 1.0
-    return lambda step: min(1.0, (step + 1) / warmup_steps)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
-
-
 def _set_matmul_precision(precision: str) -> None:
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+def _local_batch(cfg, world: int) -> int:
+    if cfg.batch_size % (world * cfg.grad_accumulation):
+        raise ConfigError("train.batch_size", cfg.batch_size,
+                          f"a multiple of processes x grad_accumulation = {world * cfg.grad_accumulation}")
+    return cfg.batch_size // world
 
 
-def _chunk(batch: Batch, index: int, count: int) -> Batch:
-    """Micro-batch ``index`` of ``count``, interleaved (rows index, index + count, ...): the rows a
-    DDP rank would get from the distributed sampler, so accumulation in one process and DDP agree."""
-    if count == 1:
-        return batch
+def _batches(data, cfg, seed: int, local_batch: int, distributed: Distributed, device: torch.device) -> EpochBatches:
+    if len(data) // distributed.world_size < local_batch:
+        raise ConfigError("train.batch_size", cfg.batch_size, f"at most {len(data)} for this training set")
+    sampler = StatefulDistributedSampler(data, num_replicas=distributed.world_size, rank=distributed.rank,
+                                         shuffle=True, seed=seed, drop_last=True)
+    # The loader's own generator: a new epoch's iterator draws a worker seed from it, and drawing
+    # from the global generator instead would shift dropout's random stream on resume.
+    # Pinned batches on CUDA: the copy to the GPU does not wait for the previous step's kernels.
+    loader = StatefulDataLoader(data, batch_size=local_batch, sampler=sampler, drop_last=True,
+                                generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+    return EpochBatches(loader, sampler)
 
-    def take(value):
-        return None if value is None else value[index::count]
 
-    return Batch(batch.x[index::count], take(batch.cond), take(batch.noise))
+def _per_update_keys(method: Method, state: TrainingState) -> bool:
+    """Log per update (``train/<loss>/loss``) when the method has several networks or a plan of its own."""
+    return len(state.networks) > 1 or type(method).update_plan is not Method.update_plan
 
 
-class _Progress:
-    """A progress bar on a terminal; a log line every few percent anywhere else (CI logs, files)."""
+def _log_start(resolved: Resolved, tracker: Tracker, parts: Components, state: TrainingState,
+               teacher: Optional[Teacher]) -> None:
+    """Params, tags and costs, logged once when a run starts (not again on resume)."""
+    method = state.method
+    evals = method.network_evals_per_step()
+    tracker.log_params(flatten(resolved.to_dict()))
+    tags = describe(resolved, parts)
+    tags["distillkit.ema"] = ",".join(state.student.emas)
+    if len(state.networks) > 1:
+        tags["distillkit.networks"] = ",".join(state.networks)
+    if teacher is not None:
+        tags["distillkit.teacher"] = teacher.identity
+    tracker.set_tags(tags)
+    metrics = {"cost/network_evals_with_grad": evals["with_grad"], "cost/network_evals_no_grad": evals["no_grad"],
+               "cost/network_evals_once": method.network_evals_once(),
+               "model/parameters": count_parameters(state.student.module)}
+    if len(state.networks) > 1:
+        metrics.update({f"model/parameters/{n.name}": count_parameters(n.module) for n in state.networks.values()})
+    tracker.log_metrics(metrics, step=0)
 
-    def __init__(self, total: int, start: int, enabled: bool, log_every: int):
-        self.total, self.enabled = total, enabled
-        self.interactive = enabled and sys.stderr.isatty()
-        self.every = max(log_every, total // 20)
-        self.started = time.perf_counter()
-        self.start_step = start
-        self.bar = None
-        if self.interactive:
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr)
+def _start_line(resolved: Resolved, state: TrainingState, world: int, start_step: int) -> str:
+    config, cfg, method = resolved.config, resolved.config.train, state.method
+    evals = method.network_evals_per_step()
+    if len(state.networks) > 1:
+        networks = ", ".join(f"{n.name} {count_parameters(n.module):,} ({n.config.optimizer}, lr {n.config.lr:g})"
+                             for n in state.networks.values())
+        size = f"networks {networks}; samples {state.sampling}"
+    else:
+        size = f"{count_parameters(state.student.module):,} parameters"
+    once = method.network_evals_once()
+    return (f"distillkit: {config.method} on {config.dataset} with {resolved.backbone_name} "
+            f"({size}), {cfg.max_steps} steps of {cfg.batch_size}"
+            f"{f' on {world} processes' if world > 1 else ''}, {evals['with_grad']} forward+backward and "
+            f"{evals['no_grad']} no-grad network evaluations per step"
+            + (f" (plus {once:,} once, for the data it trains on)" if once else "")
+            + (f"; resuming at step {start_step}" if start_step else ""))
 
-    def update(self, step: int, loss: float, images_per_second: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}")
-            self.bar.update(1)
-            return
-        if self.enabled and (step % self.every == 0 or step == self.total):
-            done = step - self.start_step
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed / max(done, 1) * (self.total - step)
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {images_per_second:,.0f} img/s  "
-                  f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _sample_grid(resolved: Resolved, method: Method, weights: torch.nn.Module, spec, fixed_noise, fixed_labels,
+                 output_dir: Path, tracker: Tracker, step: int) -> None:
+    """Samples from the fixed noise at each ``train.sample_nfe`` with the run's sampler, saved and
+    logged as one figure."""
+    weights.eval()
+    rows = sample_grid(method, weights, resolved, fixed_noise, fixed_labels, resolved.config.train.sample_nfe)
+    path = save_sample_figure(rows, spec, output_dir / "grids" / f"step-{step:08d}.png")
+    tracker.log_image(path, key="samples/train", step=step)
+
+
+def _end_of_run_evaluation(resolved: Resolved, method: Method, weights: torch.nn.Module, dataset: Dataset,
+                           device: torch.device, tracker: Tracker, output_dir: Path) -> tuple[Evaluation, Path]:
+    """The quality of ``weights`` at every ``sample.nfe``, logged; the samples saved as a figure."""
+    config = resolved.config
+    weights.eval()
+    evaluation = end_of_run(method, weights, dataset, resolved, device)
+    tracker.log_metrics(evaluation.metrics(), step=config.train.max_steps)
+    figure = save_sample_figure(evaluation.samples, dataset.spec, output_dir / "samples.png")
+    tracker.log_artifact(figure, "samples")
+    return evaluation, figure
+
+
+class _FixedGridInputs:
+    """The noise (and labels) every training-time sample grid starts from."""
+
+    def __init__(self, resolved: Resolved, spec, device: torch.device):
+        seed = resolved.config.sample.seed
+        self.noise = prior_noise(_GRID_IMAGES, spec.shape, seed, device=device)
+        self.labels = class_labels(_GRID_IMAGES, spec.num_classes, seed).to(device) if spec.num_classes else None
 
 
 def train(
@@ -156,240 +181,101 @@ def train(
     from .build import pick_device
 
     device = device or pick_device(config.device)
-    world, rank = distributed.world_size, distributed.rank
-    if cfg.batch_size % (world * cfg.grad_accumulation):
-        raise ConfigError("train.batch_size", cfg.batch_size,
-                          f"a multiple of processes x grad_accumulation = {world * cfg.grad_accumulation}")
-    local_batch = cfg.batch_size // world
+    local_batch = _local_batch(cfg, distributed.world_size)
     _set_matmul_precision(cfg.precision)
 
     dataset = dataset if dataset is not None else build_dataset(resolved)
-    method, student = build_model(resolved, dataset.spec, device, seed=config.seed, teacher=teacher)
-    parts = Components(dataset=dataset, spec=dataset.spec, method=method, student=student)
-    image_model = cfg.channels_last and dataset.spec.is_image
+    spec = dataset.spec
+    method, modules = build_networks(resolved, spec, device, seed=config.seed, teacher=teacher)
+    image_model = cfg.channels_last and spec.is_image
     if image_model:
-        student = student.to(memory_format=torch.channels_last)
+        modules = {name: module.to(memory_format=torch.channels_last) for name, module in modules.items()}
+    student = modules[method.sampling_network]
+    parts = Components(dataset=dataset, spec=spec, method=method, student=student, networks=modules)
     method.prepare(
         student,
         PrepareContext(device=device, dataset=dataset, output_dir=output_dir,
                        log_artifact=tracker.log_artifact, seed=config.seed, progress=progress and distributed.is_main),
     )
-    data = method.train_set(dataset)
-    if len(data) // world < local_batch:
-        raise ConfigError("train.batch_size", cfg.batch_size, f"at most {len(data)} for this training set")
-    sampler = StatefulDistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
-    # The loader's own generator: a new epoch's iterator draws a worker seed from it, and drawing
-    # from the global generator instead would shift dropout's random stream on resume.
-    # Pinned batches on CUDA: the copy to the GPU does not wait for the previous step's kernels.
-    loader = StatefulDataLoader(data, batch_size=local_batch, sampler=sampler, drop_last=True,
-                                generator=torch.Generator().manual_seed(config.seed), pin_memory=device.type == "cuda")
-    batches = EpochBatches(loader, sampler)
+    batches = _batches(method.train_set(dataset), cfg, config.seed, local_batch, distributed, device)
+    state = build_state(method, modules, cfg, distributed=distributed, device=device)
+    setup = StepSetup(cfg, config.seed, device, distributed, torch.Generator(device=device),
+                      per_update_keys=_per_update_keys(method, state))
+    checkpointer = Checkpointer(output_dir, cfg, distributed, tracker, header=lambda: {
+        "convention": CONVENTION, "config": resolved.to_dict(),
+        "data_spec": {"shape": list(spec.shape), "num_classes": spec.num_classes}, "run_id": tracker.run_id})
 
-    emas = make_emas(student, cfg.ema_decay, cfg.ema_halflife_images, cfg.ema_rampup_ratio, cfg.batch_size)
-    default_ema = next(iter(emas))
-    parameters = list(student.parameters())  # walked once: a large network has thousands of modules
-    optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(cfg.warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    model: torch.nn.Module = student
-    if distributed.enabled:
-        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    generator = torch.Generator(device=device)
-
-    start_step = 0
     if resume is not None:
-        # Leftovers of writes a crash interrupted: the files they would have replaced are intact.
-        for leftover in [*(output_dir / "checkpoints").glob(".*.tmp"), *output_dir.glob(".checkpoint.pt.*")]:
-            leftover.unlink(missing_ok=True)
-        student.load_state_dict(resume["student"])
-        for name, ema in emas.items():
-            ema.load_state_dict(resume["ema_state"][name])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        method.load_state_dict(resume["method"])
-        batches.load_state_dict(resume["data"][rank])
-        restore_rng(resume["rng"][rank])
-        start_step = int(resume["step"])
-
-    evals = method.network_evals_per_step()
+        checkpointer.remove_leftovers()
+        state.load_state_dict(resume)
+        batches.load_state_dict(resume["data"][distributed.rank])
+        restore_rng(resume["rng"][distributed.rank])
+    start_step = state.step
     if start_step == 0:
-        tracker.log_params(flatten(resolved.to_dict()))
-        tags = describe(resolved, parts)
-        tags["distillkit.ema"] = ",".join(emas)
-        if teacher is not None:
-            tags["distillkit.teacher"] = teacher.identity
-        tracker.set_tags(tags)
-        tracker.log_metrics({"cost/network_evals_with_grad": evals["with_grad"],
-                             "cost/network_evals_no_grad": evals["no_grad"],
-                             "cost/network_evals_once": method.network_evals_once(),
-                             "model/parameters": count_parameters(student)}, step=0)
+        _log_start(resolved, tracker, parts, state, teacher)
     if distributed.is_main:
-        log(f"distillkit: {config.method} on {config.dataset} with {resolved.backbone_name} "
-            f"({count_parameters(student):,} parameters), {cfg.max_steps} steps of {cfg.batch_size}"
-            f"{f' on {world} processes' if world > 1 else ''}, {evals['with_grad']} forward+backward and "
-            f"{evals['no_grad']} no-grad network evaluations per step"
-            + (f" (plus {method.network_evals_once():,} once, for the data it trains on)" if method.network_evals_once() else "")
-            + (f"; resuming at step {start_step}" if start_step else ""))
+        log(_start_line(resolved, state, distributed.world_size, start_step))
 
-    fixed_noise = prior_noise(_GRID_IMAGES, dataset.spec.shape, config.sample.seed, device=device)
-    fixed_labels = (class_labels(_GRID_IMAGES, dataset.spec.num_classes, config.sample.seed).to(device)
-                    if dataset.spec.num_classes else None)
-
-    def save_checkpoint(step: int) -> Path:
-        """Rank 0 writes; every rank contributes its RNG and data position."""
-        rng_states = distributed.gather(capture_rng())
-        data_states = distributed.gather(batches.state_dict())
-        path = output_dir / "checkpoint.pt"
-        if distributed.is_main:
-            payload = {
-                "format": FORMAT, "version": VERSION, "convention": CONVENTION,
-                "config": resolved.to_dict(),
-                "data_spec": {"shape": list(dataset.spec.shape), "num_classes": dataset.spec.num_classes},
-                "run_id": tracker.run_id, "step": step, "images_seen": step * cfg.batch_size,
-                "world_size": world,
-                "student": student.state_dict(),
-                "ema": emas[default_ema].module.state_dict(),
-                "emas": {name: ema.module.state_dict() for name, ema in emas.items()},
-                "ema_state": {name: ema.state_dict() for name, ema in emas.items()},
-                "default_ema": default_ema,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "method": method.state_dict(),
-                "rng": rng_states, "data": data_states, "skipped_steps": skipped,
-            }
-            history = output_dir / "checkpoints"
-            written = save_atomic(payload, step_file(history, step))
-            link_latest(written, path)
-            prune(history, cfg.keep_last, cfg.keep_every)
-            tracker.log_artifact(path, "checkpoints")
-            if cfg.keep_every and step % cfg.keep_every == 0:
-                tracker.log_artifact(written, "checkpoints/history")
-        distributed.barrier()
-        return path
-
-    def sample_grid(step: int) -> None:
-        ema_model = emas[default_ema].module
-        ema_model.eval()
-        rows = []
-        for nfe in cfg.sample_nfe:
-            grid = sampling_grid(config.sample.grid, steps_for_nfe(resolved.sample_integrator, nfe))
-            rows.append(sample_ode(method.velocity_fn(ema_model, fixed_labels), fixed_noise, grid,
-                                   resolved.sample_integrator).cpu())
-        path = save_sample_figure(dict(zip(cfg.sample_nfe, rows)), dataset.spec, output_dir / "grids" / f"step-{step:08d}.png")
-        tracker.log_image(path, key="samples/train", step=step)
-
-    model.train()
-    bar = _Progress(cfg.max_steps, start_step, progress and distributed.is_main, cfg.log_every)
-    window: dict[str, float] = {}
-    window_counts: dict[str, int] = {}
-    window_steps, window_start = 0, time.perf_counter()
-    images_per_second, final_loss = 0.0, float("nan")
-    skipped = int(resume.get("skipped_steps", 0)) if resume is not None else 0
-    checkpoint = output_dir / "checkpoint.pt"
+    grid_inputs = _FixedGridInputs(resolved, spec, device)
+    for network in state.networks.values():
+        network.model.train()
+    bar = Progress(cfg.max_steps, start_step, progress and distributed.is_main, cfg.log_every)
+    window = MetricWindow(cfg.batch_size)
+    final_loss = float("nan")
+    checkpoint = checkpointer.latest
     prefetched: Optional[Batch] = None
     for step in range(start_step, cfg.max_steps):
-        batch = (prefetched if prefetched is not None else next(batches)).to(device, non_blocking=device.type == "cuda")
+        batch = _on_device(prefetched if prefetched is not None else next(batches), device, image_model)
         prefetched = None
-        if image_model:
-            batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.cond, batch.noise)
-        optimizer.zero_grad(set_to_none=True)
-        step_metrics: dict[str, float] = {}
-        losses: list[torch.Tensor] = []
-        device_metrics: dict[str, list[torch.Tensor]] = {}
-        for micro in range(cfg.grad_accumulation):
-            generator.manual_seed(micro_batch_seed(config.seed, step, micro * world + rank))
-            sync = contextlib.nullcontext()
-            if distributed.enabled and micro < cfg.grad_accumulation - 1:
-                sync = model.no_sync()  # type: ignore[operator]
-            with sync:
-                with _autocast(device, cfg.precision):
-                    output = method.loss(model, _chunk(batch, micro, cfg.grad_accumulation), generator, step)
-                scaler.scale(output.loss / cfg.grad_accumulation).backward()
-            losses.append(output.loss.detach().float())
-            for key, value in output.metrics.items():
-                if isinstance(value, torch.Tensor):  # read back below, with the loss, in one wait
-                    device_metrics.setdefault(key, []).append(value.detach().float().reshape(()))
-                else:
-                    step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / cfg.grad_accumulation
-        scaler.unscale_(optimizer)
-        # One pass over the gradients gives the norm (logged), the clipping, and the fault check.
-        grad_norm_tensor = torch.nn.utils.clip_grad_norm_(
-            parameters, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         done = step + 1
         checkpoint_due = bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
-        if not checkpoint_due and not method.data_changes_after_step:
+
+        def prefetch() -> None:
+            nonlocal prefetched
             # The next batch is collated while the device still works on this step. Never before a
             # checkpoint: the data position saved there must be the one after this step.
-            prefetched = next(batches)
-        # The step's one wait for the device: loss, gradient norm and the method's tensor metrics
-        # read back together.
-        here = losses[0].device
-        loss_value, grad_norm, *values = torch.stack(
-            [sum(losses) / cfg.grad_accumulation, grad_norm_tensor.detach().float().to(here),
-             *(sum(v).to(here) / cfg.grad_accumulation for v in device_metrics.values())]).tolist()
-        step_metrics.update(zip(device_metrics, values))
-        step_metrics["loss"] = loss_value
-        step_metrics["grad_norm"] = grad_norm
-        # Under fp16 an overflowing gradient is the loss scaler's business (it skips the step).
-        finite = math.isfinite(step_metrics["loss"]) and (cfg.precision == "fp16" or math.isfinite(grad_norm))
-        if not finite and cfg.nonfinite == "stop":
-            raise TrainingFailed(
-                f"non-finite {'loss' if not math.isfinite(step_metrics['loss']) else 'gradient'} at step {done} "
-                f"(loss {step_metrics['loss']}, gradient norm {grad_norm}); the last good checkpoint is "
-                + (str(output_dir / "checkpoint.pt") if (output_dir / "checkpoint.pt").exists() else "none (no checkpoint was written yet)")
-                + "; set train.nonfinite=skip to skip such steps"
-            )
-        if finite:
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            for ema in emas.values():
-                ema.update_parameters(student)
-            method.after_step(student, step)
-        else:
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            step_metrics = {}  # a skipped step contributes nothing to the logged averages
-        final_loss = step_metrics.get("loss", final_loss)
-        for key, value in step_metrics.items():
-            window[key] = window.get(key, 0.0) + value
-            window_counts[key] = window_counts.get(key, 0) + 1
-        window_steps += 1
+            if not checkpoint_due and not method.data_changes_after_step:
+                prefetched = next(batches)
+
+        result = run_step(setup, state, batch, step, before_wait=prefetch, checkpoint=checkpointer.last_good)
+        final_loss = result.sampling_loss if result.sampling_loss is not None else final_loss
+        window.add(result.metrics)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            images_per_second = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-            averaged = distributed.mean({k: v / window_counts[k] for k, v in window.items()}, device)
-            metrics = {f"train/{k}": v for k, v in averaged.items()}
-            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/images_per_second": images_per_second,
-                            "train/skipped_steps": skipped,
-                            "train/images_seen": done * cfg.batch_size,
-                            "system/peak_memory_mb": _peak_memory_mb(device)})
-            tracker.log_metrics(metrics, step=done)
-            window, window_counts, window_steps, window_start = {}, {}, 0, time.perf_counter()
-        bar.update(done, final_loss, images_per_second)
+            tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
+        bar.update(done, final_loss, window.images_per_second)
         if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
-            sample_grid(done)
+            _sample_grid(resolved, method, state.sampling_weights(), spec, grid_inputs.noise, grid_inputs.labels,
+                         output_dir, tracker, done)
         if checkpoint_due:
-            checkpoint = save_checkpoint(done)
+            checkpoint = checkpointer.save(state, batches)
         if on_step is not None:
             on_step(done)
     bar.close()
 
+    images_per_second = window.images_per_second
     if not distributed.is_main:
         return RunResult(tracker.run_id, output_dir, checkpoint, None, None, final_loss, images_per_second, start_step)
-    ema_model = emas[default_ema].module
-    ema_model.eval()
-    registries = get_registries()
-    evaluation = evaluate(
-        method.velocity_fn(ema_model), dataset, dataset.spec, config.sample, resolved.sample_integrator,
-        registries.integrators.get(config.sample.reference_integrator), device,
-        velocity_for=lambda cond: method.velocity_fn(ema_model, cond),
-    )
-    tracker.log_metrics(evaluation.metrics(), step=cfg.max_steps)
-    figure = save_sample_figure(evaluation.samples, dataset.spec, output_dir / "samples.png")
-    tracker.log_artifact(figure, "samples")
+    evaluation, figure = _end_of_run_evaluation(resolved, method, state.sampling_weights(), dataset, device,
+                                                tracker, output_dir)
     # Written last: a run without it (killed during the evaluation, say) is resumed by --resume auto.
     (output_dir / FINISHED_MARKER).write_text(json.dumps(evaluation.metrics(), indent=2))
     return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step)
+
+
+def _on_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
+    batch = batch.to(device, non_blocking=device.type == "cuda")
+    if channels_last:
+        batch = Batch(batch.x.contiguous(memory_format=torch.channels_last), batch.cond, batch.noise)
+    return batch
+
+
+def _window_metrics(window: MetricWindow, state: TrainingState, distributed: Distributed, device: torch.device,
+                    done: int, batch_size: int) -> dict[str, float]:
+    metrics = window.flush(distributed, device)
+    if len(state.networks) > 1:
+        metrics.update({f"train/lr/{n.name}": n.scheduler.get_last_lr()[0] for n in state.networks.values()})
+    else:
+        metrics["train/lr"] = state.student.scheduler.get_last_lr()[0]
+    metrics.update({"train/images_per_second": window.images_per_second, "train/skipped_steps": state.skipped,
+                    "train/images_seen": done * batch_size, "system/peak_memory_mb": peak_memory_mb(device)})
+    return metrics

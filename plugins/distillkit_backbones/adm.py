@@ -12,7 +12,9 @@ names differ from guided-diffusion's. Deviations, all deliberate:
   initialisation instead, so the first optimizer step already sends gradient to every layer;
 - image sides that 2^(levels-1) does not divide are zero-padded and cropped back, as in the
   other built-in U-Nets;
-- optional CUD "Prior ShakeDrop" scaling of the decoder's concatenations.
+- optional CUD "Prior ShakeDrop" scaling of the decoder's concatenations;
+- optional extra scalar inputs (``conditioning=("d",)``), each embedded like the timestep (the
+  same sinusoid, its own MLP of the same shape) and added to the time embedding.
 
 Time goes in raw (t in [0, 1], no x1000), as in CUD's ImageNet-64 code.
 """
@@ -20,7 +22,7 @@ Time goes in raw (t in [0, 1], no x1000), as in CUD's ImageNet-64 code.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import attrs
 import torch
@@ -28,9 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import distillkit
-from distillkit import Backbone, DataSpec
+from distillkit import OUTPUT_HEADS, Backbone, DataSpec
 
-from .embeddings import _is_int, checked_inputs, positive_int, scale_last_layer_
+from .embeddings import (
+    ExtraEmbedding,
+    ScalarEmbedding,
+    _is_int,
+    checked_inputs,
+    positive_int,
+    require_data_kind,
+    scale_last_layer_,
+)
 from .layers import (
     boolean,
     concat_skip,
@@ -135,6 +145,30 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float) -> torch.Te
     )
     phases = t.to(dtype)[:, None] * frequencies[None]
     return torch.cat([phases.cos(), phases.sin()], dim=1).to(t.dtype)
+
+
+class TimestepSinusoid(nn.Module):
+    """``timestep_embedding`` as a module without parameters (the features of a ``ScalarEmbedding``)."""
+
+    def __init__(self, dim: int, max_period: float):
+        super().__init__()
+        self.dim = dim
+        self.max_period = max_period
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.dim, self.max_period)
+
+
+def time_embedding_mlp(channels: int, embedding_dim: int) -> nn.Sequential:
+    """ADM's time-embedding MLP, Linear -> SiLU -> Linear (every block applies SiLU to its input)."""
+    return nn.Sequential(nn.Linear(channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
+
+
+def adm_scalar_embedding(config: "ADMConfig") -> ScalarEmbedding:
+    """An extra input embedded as ADM embeds ``t``: the same sinusoid and the same MLP."""
+    return ScalarEmbedding(
+        TimestepSinusoid(config.channels, config.max_period), time_embedding_mlp(config.channels, config.embedding_dim)
+    )
 
 
 def _near_zero(layer: nn.Module) -> nn.Module:
@@ -272,11 +306,12 @@ class ADMOutputBlock(nn.Module):
 class ADM(Backbone):
     name = "adm"
     config_class = ADMConfig
+    accepts_conditioning = True
+    capabilities = frozenset({OUTPUT_HEADS})
 
-    def __init__(self, config: ADMConfig, data: DataSpec):
+    def __init__(self, config: ADMConfig, data: DataSpec, conditioning: tuple[str, ...] = ()):
         super().__init__()
-        if not data.is_image:
-            raise ValueError(f"the adm backbone needs image data [C, H, W]; got shape {data.shape}")
+        require_data_kind(self.name, data, images=True)
         self.config = config
         self.data = data
         in_channels, height, _ = data.shape
@@ -303,9 +338,7 @@ class ADM(Backbone):
                 )
             return ADMAttention(channels, config.num_head_channels, groups)
 
-        self.time_embedding = nn.Sequential(
-            nn.Linear(config.channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim)
-        )
+        self.time_embedding = time_embedding_mlp(config.channels, embedding_dim)
         self.label_embedding = None if data.num_classes is None else nn.Embedding(data.num_classes, embedding_dim)
 
         self.input_conv = nn.Conv2d(in_channels, config.channels * config.channel_mult[0], 3, padding=1)
@@ -344,6 +377,8 @@ class ADM(Backbone):
                     resample = resblock(width, width, up=True) if config.resblock_updown else ConvUpsample(width)
                 self.decoder.append(ADMStage(block, attention(width, side), resample))
         self.output_block = ADMOutputBlock(width, in_channels, groups)
+        # Last, so that every weight above is drawn exactly as without conditioning.
+        self.extra_embedding = ExtraEmbedding(conditioning, lambda: adm_scalar_embedding(config))
 
     def forward(
         self,
@@ -351,13 +386,15 @@ class ADM(Backbone):
         t,
         cond: Optional[torch.Tensor] = None,
         *,
+        extra: Optional[Mapping[str, torch.Tensor]] = None,
         return_features: bool = False,
     ):
-        t = checked_inputs(x, t, cond, self.data)
+        t, extra = checked_inputs(x, t, cond, self.data, extra, self.extra_embedding.names)
         batch, _, height, width = x.shape
         embedding = self.time_embedding(timestep_embedding(t, self.config.channels, self.config.max_period))
         if self.label_embedding is not None:
             embedding = embedding + self.label_embedding(cond)
+        embedding = self.extra_embedding(embedding, extra)
         factors = shakedrop_scale(t, self.config.phi) if self.config.shakedrop else None
 
         h = self.input_conv(pad_to_multiple(x, self.resolution_factor))

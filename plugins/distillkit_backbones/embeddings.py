@@ -1,8 +1,9 @@
-"""What the U-Net and the MLP share: the time / label embedding, input checks and config checks."""
+"""What the built-in backbones share: the time / label embedding, the embedding of extra scalar
+conditioning inputs, input checks and config checks."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -51,6 +52,20 @@ def to_float(value):
 # ---------------------------------------------------------------------------------------------
 
 
+class DataKindError(distillkit.ConfigError, ValueError):
+    """A backbone built for data it cannot take (an image U-Net on 2-D points). A ConfigError, so
+    that the CLI prints one line and exits with code 2, and a ValueError, which is what a Python
+    caller building a network by hand expects."""
+
+
+def require_data_kind(backbone: str, data, images: bool) -> None:
+    """Refuse vectors for an image backbone (``images``) or images for a vector backbone."""
+    if data.is_image == images and (images or len(data.shape) == 1):
+        return
+    needs = "image data [C, H, W]" if images else "vector data [D]"
+    raise DataKindError("backbone", backbone, f"the {backbone} backbone needs {needs}; the data have shape {data.shape}")
+
+
 def time_per_sample(t, batch: int, like: torch.Tensor) -> torch.Tensor:
     """``t`` as a tensor of shape ``[batch]`` with ``like``'s dtype and device.
 
@@ -81,15 +96,51 @@ def check_labels(cond: Optional[torch.Tensor], num_classes: Optional[int], batch
         )
 
 
-def checked_inputs(x: torch.Tensor, t, cond: Optional[torch.Tensor], data) -> torch.Tensor:
+def checked_extra(
+    extra: Optional[Mapping[str, torch.Tensor]], names: tuple[str, ...], batch: int, like: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The extra conditioning inputs: exactly the ``names`` the backbone was built with, each a
+    tensor ``[batch]`` (returned with ``like``'s dtype and device). Unlike ``t`` there is no
+    broadcasting of one value: a step size is a per-sample quantity, and a scalar here is more
+    likely a mistake than a shortcut."""
+    given = dict(extra) if extra else {}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        built = f"with conditioning {list(names)}" if names else "without conditioning inputs"
+        raise ValueError(f"unknown conditioning input(s) {unknown} in extra: this backbone was built {built}")
+    missing = [name for name in names if name not in given]
+    if missing:
+        raise ValueError(
+            f"missing conditioning input(s) {missing}: this backbone was built with conditioning {list(names)}; "
+            f"pass extra={{name: tensor of shape [batch]}} for each"
+        )
+    checked = {}
+    for name in names:
+        value = given[name]
+        if not isinstance(value, torch.Tensor) or value.shape != (batch,):
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"extra[{name!r}] must be a tensor of shape [{batch}] (one value per sample); got {got}")
+        checked[name] = value.to(dtype=like.dtype, device=like.device)
+    return checked
+
+
+def checked_inputs(
+    x: torch.Tensor,
+    t,
+    cond: Optional[torch.Tensor],
+    data,
+    extra: Optional[Mapping[str, torch.Tensor]] = None,
+    conditioning: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every backbone's input contract in one place: ``x`` of the data's shape, ``t`` (returned as
-    one time per sample), ``cond`` labels exactly when the data has classes."""
+    one time per sample), ``cond`` labels exactly when the data has classes, and ``extra`` holding
+    exactly the ``conditioning`` inputs the backbone was built with (returned as a dict)."""
     if x.shape[1:] != data.shape:
         kind = "images" if data.is_image else "vectors"
         raise ValueError(f"expected {kind} of shape {data.shape}; got {tuple(x.shape[1:])}")
     batch = x.shape[0]
     check_labels(cond, data.num_classes, batch)
-    return time_per_sample(t, batch, x)
+    return time_per_sample(t, batch, x), checked_extra(extra, conditioning, batch, x)
 
 
 def scale_last_layer_(layer: nn.Module, scale: float = 1e-5) -> None:
@@ -127,6 +178,16 @@ class PositionalEmbedding(nn.Module):
         return torch.cat([phases.cos(), phases.sin()], dim=1).to(t.dtype)
 
 
+def embedding_mlp(positional_dim: int, embedding_dim: int) -> nn.Sequential:
+    """The U-Net's and the MLP's time-embedding MLP: Linear -> SiLU -> Linear -> SiLU."""
+    return nn.Sequential(
+        nn.Linear(positional_dim, embedding_dim),
+        nn.SiLU(),
+        nn.Linear(embedding_dim, embedding_dim),
+        nn.SiLU(),
+    )
+
+
 class ConditionEmbedding(nn.Module):
     """``t`` (and a class label) to the vector every block reads.
 
@@ -140,15 +201,73 @@ class ConditionEmbedding(nn.Module):
         self.num_classes = num_classes
         self.positional = PositionalEmbedding(positional_dim)
         self.label = None if num_classes is None else nn.Embedding(num_classes, positional_dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(positional_dim, embedding_dim),
-            nn.SiLU(),
-            nn.Linear(embedding_dim, embedding_dim),
-            nn.SiLU(),
-        )
+        self.mlp = embedding_mlp(positional_dim, embedding_dim)
 
     def forward(self, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
         embedding = self.positional(t)
         if self.label is not None:
             embedding = embedding + self.label(cond)
         return self.mlp(embedding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra scalar conditioning inputs (a step size d, a second time r)
+# ---------------------------------------------------------------------------------------------
+
+
+class ScalarEmbedding(nn.Module):
+    """One scalar per sample to an embedding vector: fixed sinusoid ``features`` (a module without
+    parameters), then a learned ``mlp``. Each backbone builds it with the features and the MLP
+    shape its own ``t`` goes through, so that ``d`` is embedded exactly like ``t``."""
+
+    def __init__(self, features: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.features = features
+        self.mlp = mlp
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.features(value))
+
+
+def _check_conditioning_names(names: tuple[str, ...]) -> None:
+    for name in names:
+        # Names become module names (state-dict keys), which may not be empty or contain dots.
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"conditioning input names must be identifiers such as 'd' or 'r'; got {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"conditioning input names must be distinct; got {list(names)}")
+
+
+class ExtraEmbedding(nn.Module):
+    """The extra scalar inputs a backbone was built with, each embedded like ``t`` by its own
+    ``ScalarEmbedding`` (``make_embedding()`` builds one), summed into the time embedding.
+
+    The sum is taken before any block reads the embedding, so every residual block at every
+    resolution sees ``d`` exactly as it sees ``t`` (EDM adds its class embedding to the noise
+    embedding in the same way); a last-layer add-on could not bend the trajectory of the
+    features. Each embedding keeps its network's ordinary initialisation: a freshly conditioned
+    network is an ordinary network with one more input, and gradients reach every new weight.
+
+    Built with no names it holds no parameters and adds nothing, so that an unconditioned
+    backbone keeps its state-dict keys, its parameter count and its initial weights. The owner
+    must create it after all of its other modules: the new weights then take the last draws of
+    the RNG and every other weight is drawn as before.
+    """
+
+    def __init__(self, names: tuple[str, ...], make_embedding: Callable[[], nn.Module]):
+        super().__init__()
+        names = tuple(names)
+        _check_conditioning_names(names)
+        self.names = names
+        self.inputs = nn.ModuleDict({name: make_embedding() for name in names})
+
+    def forward(self, embedding: torch.Tensor, extra: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        for name in self.names:
+            embedding = embedding + self.inputs[name](extra[name])
+        return embedding
+
+
+def positional_scalar_embedding(positional_dim: int, embedding_dim: int) -> ScalarEmbedding:
+    """An extra input embedded as ``ConditionEmbedding`` embeds ``t`` (the U-Net's and the MLP's):
+    EDM's positional embedding of the raw value, then the same MLP."""
+    return ScalarEmbedding(PositionalEmbedding(positional_dim), embedding_mlp(positional_dim, embedding_dim))

@@ -10,26 +10,30 @@ The output block mirrors the U-Net's (normalise -> SiLU -> project), so a head f
 ``make_output_head`` reads the same residual stream ``h`` that ``return_features=True`` returns.
 The time embedding (EDM sinusoidal of the raw t, plus a label embedding when the data have
 classes, then an MLP) is added inside every block rather than concatenated to the input, so
-that every depth sees t directly.
+that every depth sees t directly. Extra scalar inputs (``conditioning=("d",)``) are embedded
+the same way, each with its own MLP, and added to t's embedding.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillkit import Backbone, DataSpec
+from distillkit import OUTPUT_HEADS, Backbone, DataSpec
 
 from .embeddings import (
     ConditionEmbedding,
+    ExtraEmbedding,
     checked_inputs,
     dropout_probability,
+    positional_scalar_embedding,
     positive_even_int,
     positive_int,
+    require_data_kind,
     scale_last_layer_,
     to_float,
 )
@@ -75,11 +79,12 @@ class VectorOutputBlock(nn.Module):
 class MLP(Backbone):
     name = "mlp"
     config_class = MLPConfig
+    accepts_conditioning = True
+    capabilities = frozenset({OUTPUT_HEADS})
 
-    def __init__(self, config: MLPConfig, data: DataSpec):
+    def __init__(self, config: MLPConfig, data: DataSpec, conditioning: tuple[str, ...] = ()):
         super().__init__()
-        if len(data.shape) != 1:
-            raise ValueError(f"the mlp backbone needs vector data [D]; got shape {data.shape}")
+        require_data_kind(self.name, data, images=False)
         self.config = config
         self.data = data
         (dim,) = data.shape
@@ -91,6 +96,10 @@ class MLP(Backbone):
             ResidualMLPBlock(config.hidden, config.time_embedding_dim, config.dropout) for _ in range(config.layers)
         )
         self.output_block = VectorOutputBlock(config.hidden, dim)
+        # Last, so that every weight above is drawn exactly as without conditioning.
+        self.extra_embedding = ExtraEmbedding(
+            conditioning, lambda: positional_scalar_embedding(config.time_embedding_dim, config.time_embedding_dim)
+        )
 
     def forward(
         self,
@@ -98,10 +107,11 @@ class MLP(Backbone):
         t,
         cond: Optional[torch.Tensor] = None,
         *,
+        extra: Optional[Mapping[str, torch.Tensor]] = None,
         return_features: bool = False,
     ):
-        t = checked_inputs(x, t, cond, self.data)
-        embedding = self.condition_embedding(t, cond)
+        t, extra = checked_inputs(x, t, cond, self.data, extra, self.extra_embedding.names)
+        embedding = self.extra_embedding(self.condition_embedding(t, cond), extra)
         h = self.input_projection(x)
         for block in self.blocks:
             h = block(h, embedding)

@@ -8,6 +8,7 @@ layout below follows the papers' description so that the presets have the papers
 Layout (``L = len(channel_mult)`` levels, ``res`` the feature-map side at a level)::
 
     embedding:  t -> sinusoid(noise_channels) [+ label embedding] -> Linear -> SiLU -> Linear -> SiLU
+                [+ for each extra input d: d -> sinusoid -> its own Linear -> SiLU -> Linear -> SiLU]
     encoder:    level 0: conv 3x3 (C -> channels)
                 level l > 0: residual block that halves the resolution
                 then num_blocks residual blocks to channels * channel_mult[l]
@@ -34,7 +35,7 @@ A residual block (DDPM++, non-adaptive)::
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import attrs
 import torch
@@ -42,13 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import distillkit
-from distillkit import Backbone, DataSpec
+from distillkit import OUTPUT_HEADS, Backbone, DataSpec
 
 from .embeddings import (
+    ExtraEmbedding,
     PositionalEmbedding,
+    ScalarEmbedding,
     _is_int,
     checked_inputs,
     positive_int,
+    require_data_kind,
     scale_last_layer_,
 )
 from .layers import (
@@ -165,6 +169,26 @@ class SongUNetConfig:
         return self.channels * self.channel_mult_emb
 
 
+class SongPositionalEmbedding(PositionalEmbedding):
+    """EDM's positional embedding as DDPM++ uses it: the halves swapped, ``[sin, cos]``."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        cos, sin = super().forward(t).chunk(2, dim=1)
+        return torch.cat([sin, cos], dim=1)
+
+
+def song_scalar_embedding(config: "SongUNetConfig") -> ScalarEmbedding:
+    """An extra input embedded as ``SongUNet.embed`` embeds ``t``: the swapped sinusoid, then
+    Linear -> SiLU -> Linear -> SiLU with DDPM++'s initialisation."""
+    mlp = nn.Sequential(
+        linear(config.channels, config.embedding_dim),
+        nn.SiLU(),
+        linear(config.embedding_dim, config.embedding_dim),
+        nn.SiLU(),
+    )
+    return ScalarEmbedding(SongPositionalEmbedding(config.channels, config.max_positions), mlp)
+
+
 class SongBlock(nn.Module):
     """A DDPM++ residual block (optionally resampling, optionally followed by self-attention)."""
 
@@ -234,11 +258,12 @@ class SongOutputBlock(nn.Module):
 class SongUNet(Backbone):
     name = "songunet"
     config_class = SongUNetConfig
+    accepts_conditioning = True
+    capabilities = frozenset({OUTPUT_HEADS})
 
-    def __init__(self, config: SongUNetConfig, data: DataSpec):
+    def __init__(self, config: SongUNetConfig, data: DataSpec, conditioning: tuple[str, ...] = ()):
         super().__init__()
-        if not data.is_image:
-            raise ValueError(f"the songunet backbone needs image data [C, H, W]; got shape {data.shape}")
+        require_data_kind(self.name, data, images=True)
         config = config.for_data(data)
         self.config = config
         self.data = data
@@ -256,7 +281,7 @@ class SongUNet(Backbone):
 
         # t (and the label) -> embedding
         noise_channels = config.channels
-        self.positional = PositionalEmbedding(noise_channels, config.max_positions)
+        self.positional = SongPositionalEmbedding(noise_channels, config.max_positions)
         self.label_embedding = None if data.num_classes is None else nn.Embedding(data.num_classes, noise_channels)
         self.map0 = linear(noise_channels, config.embedding_dim)
         self.map1 = linear(config.embedding_dim, config.embedding_dim)
@@ -291,11 +316,11 @@ class SongUNet(Backbone):
                 )
                 width = out
         self.output_block = SongOutputBlock(width, in_channels)
+        # Last, so that every weight above is drawn exactly as without conditioning.
+        self.extra_embedding = ExtraEmbedding(conditioning, lambda: song_scalar_embedding(config))
 
     def embed(self, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        # EDM's DDPM++ puts sin before cos (it swaps the halves of the positional embedding).
-        cos, sin = self.positional(t).chunk(2, dim=1)
-        embedding = torch.cat([sin, cos], dim=1)
+        embedding = self.positional(t)
         if self.label_embedding is not None:
             embedding = embedding + self.label_embedding(cond)
         return F.silu(self.map1(F.silu(self.map0(embedding))))
@@ -306,11 +331,12 @@ class SongUNet(Backbone):
         t,
         cond: Optional[torch.Tensor] = None,
         *,
+        extra: Optional[Mapping[str, torch.Tensor]] = None,
         return_features: bool = False,
     ):
-        t = checked_inputs(x, t, cond, self.data)
+        t, extra = checked_inputs(x, t, cond, self.data, extra, self.extra_embedding.names)
         batch, _, height, width = x.shape
-        embedding = self.embed(t, cond)
+        embedding = self.extra_embedding(self.embed(t, cond), extra)
         factors = shakedrop_scale(t, self.config.phi) if self.config.shakedrop else None
 
         h = pad_to_multiple(x, self.resolution_factor)

@@ -15,12 +15,16 @@ embedding added in every block, encoder-decoder skips, an EDM positional embeddi
 Sizes that 2^(L-1) does not divide (28 with three levels: 28 -> 14 -> 7 -> ?) are zero-padded at
 the bottom/right before the network and cropped before the output block, so the output block
 and any head made by ``make_output_head`` see features exactly the size of the image.
+
+Extra scalar inputs (``build(..., conditioning=("d",))``, ``forward(..., extra={"d": d})``) are
+embedded exactly like t (positional embedding, then an MLP of the same shape) and added to t's
+embedding, so every residual block at every resolution reads them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import attrs
 import torch
@@ -28,16 +32,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import distillkit
-from distillkit import Backbone, DataSpec
+from distillkit import OUTPUT_HEADS, Backbone, DataSpec
 
 from .embeddings import (
     ConditionEmbedding,
+    ExtraEmbedding,
     checked_inputs,
     dropout_probability,
     optional_positive_int,
+    positional_scalar_embedding,
     positive_even_int,
     positive_int,
     positive_int_tuple,
+    require_data_kind,
     scale_last_layer_,
     to_float,
     to_tuple,
@@ -109,11 +116,12 @@ class ImageOutputBlock(nn.Module):
 class UNet(Backbone):
     name = "unet"
     config_class = UNetConfig
+    accepts_conditioning = True
+    capabilities = frozenset({OUTPUT_HEADS})
 
-    def __init__(self, config: UNetConfig, data: DataSpec):
+    def __init__(self, config: UNetConfig, data: DataSpec, conditioning: tuple[str, ...] = ()):
         super().__init__()
-        if not data.is_image:
-            raise ValueError(f"the unet backbone needs image data [C, H, W]; got shape {data.shape}")
+        require_data_kind(self.name, data, images=True)
         self.config = config
         self.data = data
         in_channels = data.shape[0]
@@ -139,6 +147,10 @@ class UNet(Backbone):
             stage(widths[level + 1] + widths[level], widths[level]) for level in reversed(range(len(widths) - 1))
         )
         self.output_block = ImageOutputBlock(widths[0], in_channels, config.num_groups)
+        # Last, so that every weight above is drawn exactly as without conditioning.
+        self.extra_embedding = ExtraEmbedding(
+            conditioning, lambda: positional_scalar_embedding(config.channels, config.embedding_dim)
+        )
 
     def forward(
         self,
@@ -146,11 +158,12 @@ class UNet(Backbone):
         t,
         cond: Optional[torch.Tensor] = None,
         *,
+        extra: Optional[Mapping[str, torch.Tensor]] = None,
         return_features: bool = False,
     ):
-        t = checked_inputs(x, t, cond, self.data)
+        t, extra = checked_inputs(x, t, cond, self.data, extra, self.extra_embedding.names)
         batch, _, height, width = x.shape
-        embedding = self.condition_embedding(t, cond)
+        embedding = self.extra_embedding(self.condition_embedding(t, cond), extra)
 
         pad_h = -height % self.resolution_factor
         pad_w = -width % self.resolution_factor

@@ -11,11 +11,9 @@ from .parameterization import (
     ConsistencyFunction,
     edm_coefficients,
     implied_velocity,
-    renoise_coefficients,
     time_grid,
     velocity_coefficients,
 )
-from .sampling import consistency_multistep_sample
 from .schedules import num_points, target_rate
 
 __all__ = [
@@ -24,12 +22,10 @@ __all__ = [
     "ConsistencyDistillation",
     "ConsistencyFunction",
     "ConsistencyTraining",
-    "consistency_multistep_sample",
     "distance",
     "edm_coefficients",
     "implied_velocity",
     "num_points",
-    "renoise_coefficients",
     "rk_step_per_sample",
     "target_rate",
     "time_grid",

@@ -17,7 +17,6 @@ under stop-gradient; no copy is kept. Both evaluations see the same dropout rand
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Optional
 
@@ -27,10 +26,9 @@ from torch import nn
 
 import distillkit
 from distillkit import validators
-from distillkit import Batch, LossOutput, Method
+from distillkit import Batch, LossOutput, Method, SamplingModel, TargetNetwork, rk_step_per_sample, straight_path
 
 from .parameterization import PARAMETERIZATIONS, ConsistencyFunction, implied_velocity, time_grid
-from .sampling import consistency_multistep_sample
 from .schedules import num_points, target_rate
 from distillkit import copy_teacher_weights
 
@@ -102,10 +100,6 @@ class CTConfig(_ConsistencyOptions):
 # pieces of the loss
 
 
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float = 0.0) -> torch.Tensor:
     """Per-sample distance: mean squared / mean absolute difference, or the pseudo-Huber
     sqrt(||a - b||^2 + c^2) - c of improved consistency training (Song and Dhariwal 2023)."""
@@ -120,24 +114,6 @@ def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float = 0.0) 
     raise ValueError(f"unknown distance {kind!r}")
 
 
-def rk_step_per_sample(velocity, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, tableau) -> torch.Tensor:
-    """One explicit Runge-Kutta step per sample, each from its own time t[n] by its own h[n]:
-    k_i = v(x + h sum_j a_ij k_j, t + c_i h),  x' = x + h sum_i b_i k_i."""
-    step = _per_sample(h, x)
-    slopes: list[torch.Tensor] = []
-    for row, c in zip(tableau.a, tableau.c):
-        stage = x
-        for a_ij, k_j in zip(row, slopes):
-            if a_ij != 0.0:
-                stage = stage + (a_ij * step) * k_j
-        slopes.append(velocity(stage, t + c * h))
-    out = x
-    for b_i, k_i in zip(tableau.b, slopes):
-        if b_i != 0.0:
-            out = out + (b_i * step) * k_i
-    return out
-
-
 def _same_dropout(device: torch.device):
     """Fork the RNG so that the next forward pass sees the randomness the one after it sees too."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -149,10 +125,12 @@ def _same_dropout(device: torch.device):
 
 
 class _ConsistencyMethod(Method):
+    default_sampler = "consistency"
+
     def __init__(self, config: Any, context):
         super().__init__(config, context)
-        self.target: Optional[nn.Module] = None
-        self._pending_target: Optional[dict] = None
+        # theta-: buffers follow the online network (copied, not averaged)
+        self._target = TargetNetwork(average_buffers=False)
 
     # the student, sampling ------------------------------------------------------------------------
     def build_student(self, backbone):
@@ -169,11 +147,12 @@ class _ConsistencyMethod(Method):
 
         return velocity
 
-    def sample(self, student, noise, times, generator, cond=None):
-        """The multistep consistency sampler (fresh noise at every step); ``times`` decreasing."""
-        return consistency_multistep_sample(
-            lambda x, t: student(x, t, cond), noise, times, generator, t_min=self.config.t_min
-        )
+    def sampling_model(self, student, cond=None):
+        """The consistency function as ``denoise`` (the registered ``consistency`` sampler, the
+        default: multistep with fresh noise) and the implied velocity for the ``ode`` sampler."""
+        implied = self.velocity_fn(student, cond)
+        return SamplingModel(velocity=lambda x, t, t_next: implied(x, t),
+                             denoise=lambda x, t: student(x, t, cond), t_min=self.config.t_min)
 
     # the target network ---------------------------------------------------------------------------
     def _keeps_target_copy(self) -> bool:
@@ -182,49 +161,34 @@ class _ConsistencyMethod(Method):
     def _rate_at(self, step: int) -> float:
         raise NotImplementedError
 
-    def _make_target(self, student) -> None:
-        self.target = copy.deepcopy(student).requires_grad_(False)
-        if self._pending_target is not None:
-            self.target.load_state_dict(self._pending_target)
-            self._pending_target = None
+    @property
+    def target(self) -> Optional[nn.Module]:
+        """The target network's copy (None while there is none: mu = 0, or before prepare)."""
+        return self._target.module
 
     def prepare(self, student, context):
         if self._keeps_target_copy():
-            self._make_target(student)
+            self._target.start(student)
 
     def _target_model(self, student):
         if not self._keeps_target_copy():
             return student  # mu = 0: the online parameters, under stop-gradient
-        if self.target is None:  # prepare was not called: start the target here
-            self._make_target(student)
-        self.target.train(student.training)
-        return self.target
+        target = self._target.ensure(student)  # prepare was not called: start the target here
+        target.train(student.training)
+        return target
 
-    @torch.no_grad()
     def after_step(self, student, step):
-        if self.target is None:
-            return
-        rate = self._rate_at(step)
-        for target, online in zip(self.target.parameters(), student.parameters()):
-            target.lerp_(online.detach(), 1.0 - rate)
-        for target, online in zip(self.target.buffers(), student.buffers()):
-            target.copy_(online)
+        if self._target.started:
+            self._target.update(student, self._rate_at(step))
 
     def state_dict(self):
-        if self.target is not None:
-            return {"target": self.target.state_dict()}
-        if self._pending_target is not None:
-            return {"target": self._pending_target}
-        return {}
+        target = self._target.state_dict()
+        return {} if target is None else {"target": target}
 
     def load_state_dict(self, state):
         target = state.get("target")
-        if target is None:
-            return
-        if self.target is None:
-            self._pending_target = dict(target)  # applied when prepare builds the target
-        else:
-            self.target.load_state_dict(target)
+        if target is not None:
+            self._target.load_state_dict(target)  # before prepare: applied when it builds the target
 
     # the loss -------------------------------------------------------------------------------------
     def _consistency_loss(self, student, x_a, t_a, x_b, t_b, cond, metrics):
@@ -294,7 +258,7 @@ class ConsistencyDistillation(_ConsistencyMethod):
         index = torch.randint(0, self.config.num_points - 1, (n,), generator=generator, device=x0.device)
         grid = self.grid.to(device=x0.device, dtype=x0.dtype)
         t_a, t_b = grid[index], grid[index + 1]
-        x_a = (1.0 - _per_sample(t_a, x0)) * x0 + _per_sample(t_a, x0) * eps
+        x_a, _ = straight_path(x0, eps, t_a)
         with torch.no_grad():
             x_b = rk_step_per_sample(lambda x, t: teacher.velocity(x, t, cond), x_a, t_a, t_b - t_a, self.tableau)
         return self._consistency_loss(student, x_a, t_a, x_b, t_b, cond, {})
@@ -332,6 +296,6 @@ class ConsistencyTraining(_ConsistencyMethod):
         index = torch.randint(0, points - 1, (n,), generator=generator, device=x0.device)
         grid = time_grid(points, cfg.rho, cfg.t_min, cfg.t_max).to(device=x0.device, dtype=x0.dtype)
         t_a, t_b = grid[index], grid[index + 1]
-        x_a = (1.0 - _per_sample(t_a, x0)) * x0 + _per_sample(t_a, x0) * eps
-        x_b = (1.0 - _per_sample(t_b, x0)) * x0 + _per_sample(t_b, x0) * eps
+        x_a, _ = straight_path(x0, eps, t_a)
+        x_b, _ = straight_path(x0, eps, t_b)  # the same eps: no teacher
         return self._consistency_loss(student, x_a, t_a, x_b, t_b, cond, {"num_points": points, "target_rate": rate})

@@ -41,12 +41,9 @@ import torch
 from torch import nn
 
 import distillkit
+from distillkit import broadcast_time
 
 PARAMETERIZATIONS = ("edm", "velocity")
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def edm_coefficients(t: torch.Tensor, t_min: float, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +90,7 @@ class ConsistencyFunction(nn.Module):
         t = t.reshape(1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(x.shape[0])
         t = t.clamp_min(self.t_min)
         c_skip, c_out = self.coefficients(t)
-        return _per_sample(c_skip, x) * x + _per_sample(c_out, x) * self.backbone(x, t, cond)
+        return broadcast_time(c_skip, x) * x + broadcast_time(c_out, x) * self.backbone(x, t, cond)
 
 
 def implied_velocity(f, x: torch.Tensor, t: torch.Tensor, cond=None, t_min: Optional[float] = None) -> torch.Tensor:
@@ -106,7 +103,7 @@ def implied_velocity(f, x: torch.Tensor, t: torch.Tensor, cond=None, t_min: Opti
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     t = t.reshape(1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(x.shape[0])
     t = t.clamp_min(t_min)
-    return (x - f(x, t, cond)) / _per_sample(t, x)
+    return (x - f(x, t, cond)) / broadcast_time(t, x)
 
 
 def time_grid(num_points: int, rho: float, t_min: float, t_max: float) -> torch.Tensor:
@@ -120,14 +117,3 @@ def time_grid(num_points: int, rho: float, t_min: float, t_max: float) -> torch.
     if num_points < 2:
         raise ValueError(f"a consistency grid needs at least 2 points; got {num_points}")
     return distillkit.edm_grid(num_points - 1, rho=rho, t_start=t_max, t_end=t_min)
-
-
-def renoise_coefficients(tau: float, t_min: float) -> tuple[float, float]:
-    """(a, b) with x_tau = a x + b z for a sample x at t_min: the exact analogue of the
-    consistency models' x + sqrt(tau^2 - sigma_min^2) z in this convention.
-
-    x = (1 - t_min) x0 + t_min eps and the wanted x_tau = (1 - tau) x0 + tau eps' give
-    a = (1 - tau) / (1 - t_min) and b^2 = tau^2 - (a t_min)^2.
-    """
-    a = (1.0 - tau) / (1.0 - t_min)
-    return a, math.sqrt(max(tau * tau - (a * t_min) ** 2, 0.0))

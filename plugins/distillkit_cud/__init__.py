@@ -12,12 +12,13 @@ from __future__ import annotations
 from distillkit import hookimpl
 
 from .method import PAPER_RK3, CatchUpDistillation, CUDConfig
-from .sampling import euler_sample, heun_sample, one_step_sample
+from .sampling import CUDHeunSampler, euler_sample, heun_sample, one_step_sample
 from .stage2 import CUDStage2, CUDStage2Config
 
 __all__ = [
     "PAPER_RK3",
     "CUDConfig",
+    "CUDHeunSampler",
     "CUDStage2",
     "CUDStage2Config",
     "CatchUpDistillation",
@@ -31,3 +32,8 @@ __all__ = [
 def distillkit_register_methods(register):
     register(CatchUpDistillation)
     register(CUDStage2)
+
+
+@hookimpl
+def distillkit_register_samplers(register):
+    register(CUDHeunSampler)

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.functional import mse_loss
 
-from distillkit import Batch, ButcherTableau, LossOutput
+from distillkit import Batch, ButcherTableau, LossOutput, broadcast_time, rk_slopes, straight_path, uniform_time
 
 from .encoder import gaussian_kl
 
@@ -43,10 +43,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.dim() - 1)))
 
 
 def draw_times(
@@ -71,7 +67,7 @@ def draw_times(
         else:
             delta = torch.full((n,), 1.0 / tn, device=device, dtype=dtype)
         return t, delta
-    t = torch.rand(n, generator=generator, device=device, dtype=dtype) * (1.0 - config.t_min) + config.t_min
+    t = uniform_time(n, generator, config.t_min, device=device, dtype=dtype)
     if config.delta_mode == "uniform":
         delta = torch.rand(n, generator=generator, device=device, dtype=dtype) / tn
     elif config.delta_mode == "origin":
@@ -95,19 +91,14 @@ def catch_up_targets(
 
     ``first_slope``, when given, is used as k_1 instead of evaluating ``velocity(x_t, t)``
     (an explicit tableau's first stage is always at (x_t, t)).
+
+    The stage slopes are one per-sample Runge-Kutta step of size h = -Δ (``rk_slopes``):
+    x_t + (a_ij (-Δ)) k_j and t + c_i (-Δ) are x_t - (Δ a_ij) k_j and t - c_i Δ to the bit.
     """
-    step = _per_sample(delta, x_t)
+    step = broadcast_time(delta, x_t)
     with torch.no_grad():
-        slopes: list[torch.Tensor] = []
-        for i in range(tableau.stages):
-            if i == 0 and first_slope is not None:
-                slopes.append(first_slope.detach())
-                continue
-            x_i = x_t
-            for j, a_ij in enumerate(tableau.a[i][:i]):
-                if a_ij != 0.0:
-                    x_i = x_i - step * a_ij * slopes[j]
-            slopes.append(velocity(x_i, (t - tableau.c[i] * delta).clamp_min(t_min)))
+        clamped = lambda x, s: velocity(x, s.clamp_min(t_min))  # noqa: E731 - never before δ
+        slopes = rk_slopes(clamped, x_t, t, -delta, tableau, first_slope)
         slope = sum(b_i * k_i for b_i, k_i in zip(tableau.b, slopes) if b_i != 0.0)
         return [
             velocity(x_t - j * step * slope, (t - j * delta).clamp_min(t_min)) for j in range(1, heads + 1)
@@ -179,9 +170,7 @@ def catch_up_loss(
         metrics["kl"] = kl.detach()
     else:
         eps = noise
-    t_b = _per_sample(t, x0)
-    x_t = (1.0 - t_b) * x0 + t_b * eps
-    v_star = eps - x0
+    x_t, v_star = straight_path(x0, eps, t)
 
     predictions = student(x_t, t, cond, head="all")  # one trunk pass with gradient, every head
     if target_network is None:
@@ -191,7 +180,7 @@ def catch_up_loss(
     first = predictions[0] if config.reuse_prediction_as_k1 else None
     targets = catch_up_targets(velocity, x_t.detach(), t, delta, tableau, heads, config.t_min, first)
     if config.boundary_mask:
-        near_data = _per_sample(t < config.t_min + mask_reach(tableau, heads) * delta, x0)
+        near_data = broadcast_time(t < config.t_min + mask_reach(tableau, heads) * delta, x0)
         targets = [torch.where(near_data, v_star, y) for y in targets]
         metrics["boundary_fraction"] = near_data.float().mean()
 

@@ -3,7 +3,6 @@ encoder), the target network, the catch-up loss, sampling, and the Prior ShakeDr
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import attrs
@@ -11,7 +10,7 @@ import torch
 
 import distillkit
 from distillkit import validators
-from distillkit import ButcherTableau, Method
+from distillkit import ButcherTableau, Method, TargetNetwork, ema_update_  # noqa: F401 - ema_update_ re-exported
 
 from .encoder import BackboneEncoder, ConvEncoder, MLPEncoder
 from .heads import MultiHeadStudent
@@ -150,29 +149,6 @@ def check_prior_shakedrop(recorded: Optional[dict], built: dict, where: str) -> 
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# target networks held by a method (CUD's EMA target, stage 2's self-EMA)
-
-
-def ema_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of ``module`` (same device, same train/eval mode)."""
-    copied = copy.deepcopy(module)
-    copied.requires_grad_(False)
-    return copied
-
-
-@torch.no_grad()
-def ema_update_(average: torch.nn.Module, current: torch.nn.Module, decay: float) -> None:
-    """θ⁻ ← decay·θ⁻ + (1 - decay)·θ for floating parameters and buffers; others are copied."""
-    averaged = list(average.parameters()) + list(average.buffers())
-    live = list(current.parameters()) + list(current.buffers())
-    for a, c in zip(averaged, live):
-        if a.is_floating_point():
-            a.lerp_(c.detach(), 1.0 - decay)
-        else:
-            a.copy_(c)
-
-
 class CatchUpDistillation(Method):
     """The network catches up with its own velocity a step Δ further along its own trajectory.
 
@@ -199,9 +175,9 @@ class CatchUpDistillation(Method):
                 "method_options.encoder", config.encoder,
                 f"a registered backbone: the auto encoder handles vectors [D] and images [C, H, W], not {context.data.shape}",
             )
-        self.target_network: Optional[torch.nn.Module] = None
+        # θ⁻ ← μ θ⁻ + (1 - μ) θ on parameters and floating buffers (distillkit.TargetNetwork)
+        self._target = TargetNetwork()
         self.prior_shakedrop: Optional[dict] = None
-        self._pending_target_state: Optional[dict] = None
 
     # -- the student -------------------------------------------------------------------------
 
@@ -227,38 +203,42 @@ class CatchUpDistillation(Method):
 
     # -- the target network (§2.5) ------------------------------------------------------------
 
+    @property
+    def target_network(self) -> Optional[torch.nn.Module]:
+        """The EMA target's copy of the trunk (None: the live network is the target, or before prepare)."""
+        return self._target.module
+
+    @staticmethod
+    def _trunk(student) -> torch.nn.Module:
+        # Only the trunk with its main head produces targets: the backbone, not the extra heads
+        # or the encoder.
+        student = unwrap(student)
+        return getattr(student, "backbone", student)
+
     def prepare(self, student, context):
         if self.config.target == "ema":
             self._make_target(student)
 
     def _make_target(self, student) -> None:
-        # Only the trunk with its main head produces targets: copy the backbone, not the extra
-        # heads or the encoder. The copy keeps the student's mode (train: dropout as in the live case).
-        student = unwrap(student)
-        self.target_network = ema_copy(getattr(student, "backbone", student))
-        if self._pending_target_state is not None:
-            self.target_network.load_state_dict(self._pending_target_state)
-            self._pending_target_state = None
+        # The copy keeps the student's mode (train: dropout as in the live case).
+        self._target.start(self._trunk(student))
 
     def after_step(self, student, step):
-        if self.target_network is not None:
-            student = unwrap(student)
-            ema_update_(self.target_network, getattr(student, "backbone", student), self.config.target_decay)
+        if self._target.started:
+            self._target.update(self._trunk(student), self.config.target_decay)
 
     def state_dict(self):
         state: dict[str, Any] = {"prior_shakedrop": self.prior_shakedrop}
-        if self.target_network is not None:
-            state["target"] = self.target_network.state_dict()
+        target = self._target.state_dict()
+        if target is not None:
+            state["target"] = target
         return state
 
     def load_state_dict(self, state):
         if self.prior_shakedrop is not None:
             check_prior_shakedrop(state.get("prior_shakedrop"), self.prior_shakedrop, "cud checkpoint")
         if "target" in state:
-            if self.target_network is not None:
-                self.target_network.load_state_dict(state["target"])
-            else:  # restored when prepare builds the target
-                self._pending_target_state = state["target"]
+            self._target.load_state_dict(state["target"])  # before prepare: restored when it builds the target
 
     # -- cost, tags, loss, sampling -----------------------------------------------------------
 

@@ -32,16 +32,10 @@ from torch.nn.functional import mse_loss
 
 import distillkit
 from distillkit import validators
-from distillkit import LossOutput, Method
+from distillkit import LossOutput, Method, TargetNetwork, generate_once, read_cached
 
 from .loss import unwrap
-from .method import (
-    _to_float,
-    check_prior_shakedrop,
-    ema_copy,
-    ema_update_,
-    prior_shakedrop,
-)
+from .method import _to_float, check_prior_shakedrop, prior_shakedrop
 
 TRAJECTORY_FORMAT = "distillkit-cud-trajectories"
 TRAJECTORY_FILE = "trajectories.pt"
@@ -211,13 +205,18 @@ class CUDStage2(Method):
             raise distillkit.ConfigError(
                 "method_options.quantize", True, f"false: 8-bit targets are for images in [-1, 1], not data of shape {context.data.shape}"
             )
-        self.regulariser: Optional[torch.nn.Module] = None
+        # θ̄ ← μ θ̄ + (1 - μ) θ on parameters and floating buffers (distillkit.TargetNetwork)
+        self._regulariser = TargetNetwork()
         self.trajectories: Optional[dict[str, Any]] = None
         self.trajectory_path: Optional[Path] = None
         self.generation_seconds = 0.0
         self.data: Optional[PhaseTargets] = None
         self.next_step = 0  # the optimizer step the next batch is for
-        self._pending_regulariser: Optional[dict] = None
+
+    @property
+    def regulariser(self) -> Optional[torch.nn.Module]:
+        """θ̄, the student's EMA the regulariser pulls towards (None before prepare, or λ = 0)."""
+        return self._regulariser.module
 
     # -- curriculum --------------------------------------------------------------------------
 
@@ -238,11 +237,8 @@ class CUDStage2(Method):
             raise distillkit.UsageError("cud-stage2 distils a teacher: pass --teacher RUN_ID or a checkpoint file")
         if self.config.init_from_teacher:
             self._init_from_teacher(student, teacher)
-        if self.config.regulariser_weight > 0 and self.regulariser is None:
-            self.regulariser = ema_copy(unwrap(student))
-            if self._pending_regulariser is not None:
-                self.regulariser.load_state_dict(self._pending_regulariser)
-                self._pending_regulariser = None
+        if self.config.regulariser_weight > 0:
+            self._regulariser.ensure(unwrap(student))  # then any state restored before prepare
         self._load_or_generate(context, teacher)
 
     def _init_from_teacher(self, student, teacher) -> None:
@@ -271,7 +267,9 @@ class CUDStage2(Method):
             student.load_state_dict(source.state_dict())
 
     def _expected(self, teacher) -> dict[str, Any]:
+        """What a trajectories file fit for this run records (its indices aside)."""
         return {
+            "format": TRAJECTORY_FORMAT,
             "steps": self.config.trajectory_steps,
             "num": self.config.num_trajectories,
             "quantized": self.config.quantize,
@@ -281,16 +279,9 @@ class CUDStage2(Method):
 
     def _read(self, path: Path, teacher) -> tuple[Optional[dict], str]:
         """(the trajectories in ``path`` in curriculum order, "") or (None, why they do not fit)."""
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-            return None, f"cannot be read ({type(exc).__name__})"
-        if not isinstance(data, dict) or data.get("format") != TRAJECTORY_FORMAT:
-            return None, "is not a cud-stage2 trajectories file"
-        expected = self._expected(teacher)
-        for key, value in expected.items():
-            if data.get(key) != value:
-                return None, f"has {key} = {data.get(key)!r}, this run needs {value!r}"
+        data, why = read_cached(path, self._expected(teacher))
+        if data is None:
+            return None, why
         stored = list(data["indices"])
         missing = [i for i in self.config.phase_indices if i not in stored]
         if missing:
@@ -300,7 +291,6 @@ class CUDStage2(Method):
         return data, ""
 
     def _load_or_generate(self, context, teacher) -> None:
-        own = Path(context.output_dir) / TRAJECTORY_FILE
         if self.config.trajectory_file:
             path = Path(self.config.trajectory_file).expanduser()
             data, why = self._read(path, teacher)
@@ -308,11 +298,16 @@ class CUDStage2(Method):
                 raise distillkit.ConfigError("method_options.trajectory_file", str(path), f"a trajectories file that fits this run; it {why}")
             self.trajectories, self.trajectory_path = data, path
             return
-        if own.is_file():  # a resumed run: its own file, generated before
-            data, _ = self._read(own, teacher)
-            if data is not None:
-                self.trajectories, self.trajectory_path = data, own
-                return
+        # A resumed run finds its own file, generated before, with the indices in curriculum order.
+        own = Path(context.output_dir) / TRAJECTORY_FILE
+        identity = {**self._expected(teacher), "indices": list(self.config.phase_indices)}
+        self.trajectories = generate_once(
+            own, identity, lambda: self._generate(context, teacher),
+            log_artifact=lambda path: context.log_artifact(path, "trajectories"),
+        )
+        self.trajectory_path = own
+
+    def _generate(self, context, teacher) -> dict[str, Any]:
         spec = self.context.data
         started = time.perf_counter()
         generated = generate_trajectories(
@@ -322,21 +317,8 @@ class CUDStage2(Method):
             progress=context.progress,
         )
         self.generation_seconds = time.perf_counter() - started
-        payload = {
-            "format": TRAJECTORY_FORMAT,
-            **self._expected(teacher),
-            "indices": list(self.config.phase_indices),
-            "teacher_identity": teacher.identity,
-            "seed": context.seed,
-            "seconds": self.generation_seconds,
-            **generated,
-        }
-        own.parent.mkdir(parents=True, exist_ok=True)
-        temporary = own.with_name(own.name + ".tmp")
-        torch.save(payload, temporary)
-        temporary.replace(own)
-        context.log_artifact(own, "trajectories")
-        self.trajectories, self.trajectory_path = payload, own
+        return {"teacher_identity": teacher.identity, "seed": context.seed, "seconds": self.generation_seconds,
+                **generated}
 
     # -- the trainer's hooks ------------------------------------------------------------------
 
@@ -367,18 +349,17 @@ class CUDStage2(Method):
             "trajectory_index": float(self.config.phase_indices[phase]),
         }
         if self.config.regulariser_weight > 0:
-            if self.regulariser is None:  # prepare was not called (direct use of the method)
-                self.regulariser = ema_copy(unwrap(student))
+            average = self._regulariser.ensure(unwrap(student))  # prepare was not called: start it here
             with torch.no_grad():
-                v_bar = self.regulariser(eps, ones, batch.cond)
+                v_bar = average(eps, ones, batch.cond)
             regulariser = mse_loss(v, v_bar)
             loss = loss + self.config.regulariser_weight * regulariser
             metrics["loss_regulariser"] = float(regulariser.detach())
         return LossOutput(loss, metrics)
 
     def after_step(self, student, step):
-        if self.regulariser is not None:
-            ema_update_(self.regulariser, unwrap(student), self.config.regulariser_decay)
+        if self._regulariser.started:
+            self._regulariser.update(unwrap(student), self.config.regulariser_decay)
         self._set_next_step(step + 1)
 
     def _set_next_step(self, step: int) -> None:
@@ -388,17 +369,15 @@ class CUDStage2(Method):
 
     def state_dict(self):
         state: dict[str, Any] = {"next_step": self.next_step}
-        if self.regulariser is not None:
-            state["regulariser"] = self.regulariser.state_dict()
+        regulariser = self._regulariser.state_dict()
+        if regulariser is not None:
+            state["regulariser"] = regulariser
         return state
 
     def load_state_dict(self, state):
         self._set_next_step(int(state.get("next_step", 0)))
         if "regulariser" in state:
-            if self.regulariser is not None:
-                self.regulariser.load_state_dict(state["regulariser"])
-            else:
-                self._pending_regulariser = state["regulariser"]
+            self._regulariser.load_state_dict(state["regulariser"])  # before prepare: restored when it starts
 
     def network_evals_per_step(self):
         return {"with_grad": 1, "no_grad": 1 if self.config.regulariser_weight > 0 else 0}

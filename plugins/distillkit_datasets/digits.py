@@ -7,7 +7,7 @@ mapped to [-1, 1] by ``x / 8 - 1``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 import torch
@@ -19,6 +19,8 @@ from distillkit import DataSpec, Dataset
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_CLASSES = 10
 DIGITS_MAX_VALUE = 16.0
+#: how ``classifier_fd``'s small classifier is trained on the digits (1,797 images: many epochs)
+DIGITS_CLASSIFIER_RECIPE = {"epochs": 20, "batch_size": 64, "lr": 2e-3}
 
 
 class SampleTensorDataset(torch.utils.data.TensorDataset):
@@ -77,3 +79,11 @@ class Digits(Dataset):
         """``min(n, 1797)`` distinct real images, chosen by ``generator``."""
         order = torch.randperm(len(self.images), generator=generator, device=generator.device).cpu()
         return self.images[order[:n]].clone()
+
+    def classifier_recipe(self) -> Optional[dict[str, Any]]:
+        return dict(DIGITS_CLASSIFIER_RECIPE)
+
+    def labelled_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All 1,797 images in [-1, 1] and their labels, in scikit-learn's order (whether or not
+        this dataset trains with labels)."""
+        return self.images.clone(), self.labels.clone()

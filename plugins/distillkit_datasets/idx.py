@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import attrs
 import torch
@@ -30,7 +30,7 @@ import torchvision.datasets as tv_datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import extract_archive
 
-from .images import ArrayImageDataset, boolean, data_error, first_line
+from .images import ArrayImageDataset, boolean, data_error, first_line, to_unit_range
 
 IMAGES_FILE = "train-images-idx3-ubyte"
 LABELS_FILE = "train-labels-idx1-ubyte"
@@ -67,6 +67,8 @@ class IdxDataset(ArrayImageDataset):
     system_folders: ClassVar[tuple[str, ...]] = ()
     #: what the error message suggests for getting the files
     source_hint: ClassVar[str] = ""
+    #: how ``classifier_fd``'s small classifier is trained on these images
+    classifier_settings: ClassVar[dict[str, Any]]
 
     def __init__(self, config: Optional[IdxConfig] = None, data_root: Optional[str] = None):
         super().__init__(config if config is not None else IdxConfig(), data_root)
@@ -129,6 +131,14 @@ class IdxDataset(ArrayImageDataset):
             raise data_error(self.name, f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
         return images.unsqueeze(1).contiguous(), labels.to(torch.int64)
 
+    def classifier_recipe(self) -> Optional[dict[str, Any]]:
+        return dict(self.classifier_settings)
+
+    def labelled_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All training images in [-1, 1] and their labels, in file order (whether or not this
+        dataset trains with labels)."""
+        return to_unit_range(self.images), self.labels.clone()
+
     def _read(self, path: Path, scratch: str, reader) -> torch.Tensor:
         try:
             plain = extract_archive(str(path), scratch) if path.suffix == ".gz" else str(path)
@@ -141,6 +151,7 @@ class Mnist(IdxDataset):
     name = "mnist"
     torchvision_class = tv_datasets.MNIST
     source_hint = " (from https://yann.lecun.com/exdb/mnist/ or a torchvision mirror)"
+    classifier_settings = {"epochs": 3, "batch_size": 128, "lr": 2e-3}
 
 
 class FashionMnist(IdxDataset):
@@ -149,3 +160,4 @@ class FashionMnist(IdxDataset):
     # Debian / Ubuntu: apt-get install dataset-fashion-mnist puts the four .gz files here.
     system_folders = ("/usr/share/datasets/fashion-mnist",)
     source_hint = " (from https://github.com/zalandoresearch/fashion-mnist or the Debian package dataset-fashion-mnist)"
+    classifier_settings = {"epochs": 5, "batch_size": 128, "lr": 2e-3}

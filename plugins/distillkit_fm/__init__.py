@@ -10,7 +10,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from distillkit import Batch, LossOutput, Method, hookimpl, validators
+from distillkit import Batch, LossOutput, Method, hookimpl, straight_path, uniform_time, validators
 
 
 @attrs.frozen
@@ -22,10 +22,8 @@ def interpolate(batch: Batch, generator: torch.Generator, t_min: float):
     """(t, eps, x_t, v*) for a batch: t ~ U(t_min, 1) per sample, eps ~ N(0, I)."""
     x0 = batch.x
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    u = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
-    t = u * (1.0 - t_min) + t_min
-    t_b = t.view(-1, *([1] * (x0.dim() - 1)))
-    return t, eps, (1.0 - t_b) * x0 + t_b * eps, eps - x0
+    t = uniform_time(x0.shape[0], generator, t_min, device=x0.device, dtype=x0.dtype)
+    return (t, eps, *straight_path(x0, eps, t))
 
 
 class FlowMatching(Method):

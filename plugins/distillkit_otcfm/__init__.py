@@ -17,7 +17,7 @@ import attrs
 import torch
 from torch.nn.functional import mse_loss
 
-from distillkit import LossOutput, Method, hookimpl, validators
+from distillkit import LossOutput, Method, hookimpl, straight_path, uniform_time, validators
 
 
 @attrs.frozen
@@ -44,14 +44,12 @@ class OTConditionalFlowMatching(Method):
     def loss(self, student, batch, generator, step):
         x0 = batch.x
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t_min = self.config.t_min
-        t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype) * (1.0 - t_min) + t_min
+        t = uniform_time(x0.shape[0], generator, self.config.t_min, device=x0.device, dtype=x0.dtype)
         before = (x0 - eps).flatten(1).square().sum(1).mean()
         eps = eps[ot_permutation(x0, eps)]
         after = (x0 - eps).flatten(1).square().sum(1).mean()
-        t_b = t.reshape(-1, *([1] * (x0.dim() - 1)))
-        x_t = (1.0 - t_b) * x0 + t_b * eps
-        loss = mse_loss(student(x_t, t, batch.cond), eps - x0)
+        x_t, target = straight_path(x0, eps, t)
+        loss = mse_loss(student(x_t, t, batch.cond), target)
         return LossOutput(loss, {"transport_cost": float(after), "transport_cost_independent": float(before)})
 
 

@@ -23,7 +23,7 @@ from torch.nn.functional import mse_loss
 
 import distillkit
 from distillkit import validators
-from distillkit import LossOutput, Method, hookimpl
+from distillkit import LossOutput, Method, hookimpl, straight_path
 
 from distillkit import copy_teacher_weights
 
@@ -41,10 +41,6 @@ class PDConfig:
     student_grid_only: bool = attrs.field(default=False, validator=validators.boolean)
     #: start the student from the teacher's weights when the shapes match
     init_from_teacher: bool = attrs.field(default=True, validator=validators.boolean)
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def two_step_target(velocity, x_t: torch.Tensor, t: torch.Tensor, h: float) -> torch.Tensor:
@@ -94,8 +90,7 @@ class ProgressiveDistillation(Method):
         else:
             j = torch.randint(2, tn + 1, (n,), generator=generator, device=x0.device)
         t = j.to(x0.dtype) / tn
-        t_b = _per_sample(t, x0)
-        x_t = (1.0 - t_b) * x0 + t_b * eps
+        x_t, _ = straight_path(x0, eps, t)
         with torch.no_grad():
             target = two_step_target(lambda x, s: teacher.velocity(x, s, cond), x_t, t, 1.0 / tn)
         return LossOutput(mse_loss(student(x_t, t, cond), target))

@@ -24,9 +24,9 @@ from torch.nn.functional import mse_loss
 
 import distillkit
 from distillkit import validators
-from distillkit import Batch, LossOutput, Method
+from distillkit import Batch, LossOutput, Method, generate_once, straight_path, uniform_time
 
-from .pairs import SEED_OFFSET, PairDataset, generate_pairs, load_pairs, pair_grid, save_atomic
+from .pairs import SEED_OFFSET, PairDataset, generate_pairs, load_pairs, pair_grid
 from distillkit import copy_teacher_weights
 
 GRIDS = ("uniform", "edm")
@@ -78,10 +78,6 @@ class DistillConfig(PairOptions):
     grid: str = attrs.field(default="uniform", validator=_grid)
 
 
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 class _PairMethod(Method):
     """Shared by reflow and distillation: pairs from the teacher, generated once; teacher init."""
 
@@ -97,6 +93,7 @@ class _PairMethod(Method):
         self.init_source = "random"
 
     def _wanted(self, seed: int) -> dict[str, Any]:
+        """What a pairs file made for this run records (``num_pairs``: how many it holds)."""
         teacher = self.context.teacher
         return {
             "teacher": None if teacher is None else teacher.identity,
@@ -110,10 +107,6 @@ class _PairMethod(Method):
     def network_evals_once(self) -> int:
         return self.config.num_pairs * self.config.pair_nfe  # the teacher's solves that made the pairs
 
-    def _matches(self, payload: dict[str, Any], wanted: dict[str, Any]) -> bool:
-        found = {k: payload.get(k) for k in wanted if k != "num_pairs"} | {"num_pairs": len(payload["x"])}
-        return found == wanted
-
     def prepare(self, student, context):
         if self.config.init_from_teacher and self.context.teacher is not None:
             self.init_source = copy_teacher_weights(student, self.context.teacher)
@@ -126,18 +119,20 @@ class _PairMethod(Method):
             raise distillkit.UsageError(f"{self.name} generates its pairs from a teacher: pass --teacher")
         path = Path(context.output_dir) / self.PAIRS_NAME
         wanted = self._wanted(context.seed)
-        if path.is_file():  # a resumed run: the pairs it generated before
-            payload = load_pairs(path, shape, "pairs")
-            if self._matches(payload, wanted):
-                self.pairs, self.pairs_path = payload, path
-                return
-        self.pairs = generate_pairs(
-            self.context.teacher, shape, classes, self.config.num_pairs, self.pair_tableau,
-            self.config.pair_nfe // self.pair_tableau.stages, self.config.pair_grid, wanted["seed"],
-            device=context.device, progress=context.progress,
-        )
-        save_atomic(self.pairs, path)
-        context.log_artifact(path, "pairs")
+
+        def generate() -> dict[str, Any]:
+            return generate_pairs(
+                self.context.teacher, shape, classes, self.config.num_pairs, self.pair_tableau,
+                self.config.pair_nfe // self.pair_tableau.stages, self.config.pair_grid, wanted["seed"],
+                device=context.device, progress=context.progress,
+            )
+
+        def read(found: Path) -> dict[str, Any]:
+            payload = load_pairs(found, shape, "pairs")
+            return {**payload, "num_pairs": len(payload["x"])}  # what it holds, whatever it says
+
+        # A resumed run finds the pairs it generated before; other pairs are generated again.
+        self.pairs = generate_once(path, wanted, generate, read=read, log_artifact=lambda p: context.log_artifact(p, "pairs"))
         self.pairs_path = path
 
     def train_set(self, dataset):
@@ -167,11 +162,9 @@ class Reflow(_PairMethod):
 
     def loss(self, student, batch, generator, step):
         x0, eps = self._pairs_of(batch)
-        t_min = self.config.t_min
-        t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype) * (1.0 - t_min) + t_min
-        t_b = _per_sample(t, x0)
-        x_t = (1.0 - t_b) * x0 + t_b * eps
-        return LossOutput(mse_loss(student(x_t, t, batch.cond), eps - x0))
+        t = uniform_time(x0.shape[0], generator, self.config.t_min, device=x0.device, dtype=x0.dtype)
+        x_t, target = straight_path(x0, eps, t)
+        return LossOutput(mse_loss(student(x_t, t, batch.cond), target))
 
 
 class RectifiedDistillation(_PairMethod):
@@ -192,6 +185,5 @@ class RectifiedDistillation(_PairMethod):
         x0, eps = self._pairs_of(batch)
         index = torch.randint(0, self.config.k, (x0.shape[0],), generator=generator, device=x0.device)
         t = self.times.to(device=x0.device, dtype=x0.dtype)[index]
-        t_b = _per_sample(t, x0)
-        x_t = (1.0 - t_b) * x0 + t_b * eps
-        return LossOutput(mse_loss(student(x_t, t, batch.cond), eps - x0))
+        x_t, target = straight_path(x0, eps, t)
+        return LossOutput(mse_loss(student(x_t, t, batch.cond), target))

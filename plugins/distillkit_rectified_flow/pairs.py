@@ -9,8 +9,6 @@ the teacher is asked. Pairs are saved as a ``.pt`` file of tensors (readable wit
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -73,21 +71,6 @@ def generate_pairs(
     if cond is not None:
         payload["cond"] = cond
     return payload
-
-
-def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file beside ``path`` and rename it over ``path``: a crash leaves no
-    half-written pairs file, and processes of a multi-process run writing the same pairs do not
-    interleave."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load_pairs(path: str | Path, shape: tuple[int, ...], option: str) -> dict[str, Any]:

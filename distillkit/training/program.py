@@ -1,0 +1,171 @@
+"""What a run trains: its networks, each with an optimizer, a schedule and EMAs, and the state a
+checkpoint holds (``TrainingState``).
+
+A single-network method has one network, ``student``; its checkpoint keys are the ones
+distillkit has always written (``student``, ``ema``, ``emas``, ``ema_state``, ``default_ema``,
+``optimizer``, ``scheduler``). A multi-network method's other networks go under ``networks``,
+``network_emas`` and ``network_ema_state``; every network's optimizer and schedule under
+``optimizers`` and ``schedulers`` (the sampling network's also under the old names, which cost
+nothing: ``torch.save`` writes a shared tensor once).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import OptimizerConfig, TrainConfig
+from ..contracts import Method
+from ..errors import ConfigError
+from .distributed import Distributed
+from .ema import make_emas
+from .optim import build_optimizer, build_scheduler
+
+#: the ``default_ema`` of a run whose sampling network has no EMA: its online weights.
+ONLINE = "online"
+
+
+@attrs.define(eq=False)
+class Network:
+    """One trainable network and everything that updates it."""
+
+    name: str
+    module: nn.Module  # the plain network: checkpointed, averaged, given to frozen uses
+    config: OptimizerConfig
+    parameters: list  # walked once: a large network has thousands of modules
+    trainable: list  # the parameters that require a gradient (toggled off while others update)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    emas: dict  # name -> ExponentialAverage
+    model: nn.Module  # what its updates call: DDP- and compile-wrapped as configured
+    ddp: Optional[DistributedDataParallel] = None
+
+    def set_trainable(self, flag: bool) -> None:
+        for parameter in self.trainable:
+            parameter.requires_grad_(flag)
+
+
+def optimizer_configs(method: Method, names: list[str], cfg: TrainConfig) -> dict[str, OptimizerConfig]:
+    """Each network's ``OptimizerConfig``: the method's choice from the run's default, with the
+    user's ``train.networks.<name>`` options on top."""
+    unknown = sorted(set(cfg.networks) - set(names))
+    if unknown:
+        raise ConfigError(f"train.networks.{unknown[0]}", cfg.networks[unknown[0]],
+                          f"options of one of the networks of method {method.name}: " + ", ".join(names))
+    default = cfg.optimizer_config()
+    return {name: cfg.optimizer_config(name, base=method.optimizer_config(name, default)) for name in names}
+
+
+def build_network(name: str, module: nn.Module, config: OptimizerConfig, cfg: TrainConfig, *, averaged: bool) -> Network:
+    """The optimizer, schedule, EMAs and wrappers of one network (in the order distillkit has always
+    built them: EMAs, optimizer, schedule; DDP and compile after the loss scaler)."""
+    emas = (make_emas(module, cfg.ema_decay, cfg.ema_halflife_images, cfg.ema_rampup_ratio, cfg.batch_size)
+            if averaged else {})
+    parameters = list(module.parameters())
+    optimizer = build_optimizer(parameters, config)
+    scheduler = build_scheduler(optimizer, config, cfg.max_steps)
+    trainable = [p for p in parameters if p.requires_grad]
+    return Network(name, module, config, parameters, trainable, optimizer, scheduler, emas, model=module)
+
+
+def wrap(network: Network, cfg: TrainConfig, distributed: Distributed, device: torch.device) -> None:
+    """DDP (gradients averaged over ranks) and ``torch.compile``, as the run asks."""
+    model: nn.Module = network.module
+    if distributed.enabled:
+        network.ddp = DistributedDataParallel(network.module, device_ids=[device.index] if device.type == "cuda" else None)
+        model = network.ddp
+    if cfg.compile:
+        model = torch.compile(model)
+    network.model = model
+
+
+class TrainingState:
+    """Everything a checkpoint restores: the networks with their optimizers, schedules and EMAs,
+    the loss scaler, the method's own state, the step count and the skipped updates. (The RNG
+    states and data positions are per rank; the ``Checkpointer`` gathers them.)"""
+
+    def __init__(self, method: Method, networks: dict[str, Network], scaler: torch.amp.GradScaler):
+        self.method = method
+        self.networks = networks
+        self.scaler = scaler
+        self.sampling = method.sampling_network
+        self.step = 0
+        self.skipped = 0
+
+    @property
+    def student(self) -> Network:
+        return self.networks[self.sampling]
+
+    @property
+    def default_ema(self) -> str:
+        return next(iter(self.student.emas), ONLINE)
+
+    def sampling_weights(self) -> nn.Module:
+        """What is sampled and evaluated: the sampling network's default EMA (its online weights
+        when it has none)."""
+        emas = self.student.emas
+        return emas[self.default_ema].module if emas else self.student.module
+
+    def others(self) -> list[Network]:
+        return [network for name, network in self.networks.items() if name != self.sampling]
+
+    def state_dict(self) -> dict[str, Any]:
+        student = self.student
+        optimizers = {name: network.optimizer.state_dict() for name, network in self.networks.items()}
+        schedulers = {name: network.scheduler.state_dict() for name, network in self.networks.items()}
+        state = {
+            "student": student.module.state_dict(),
+            "ema": self.sampling_weights().state_dict(),
+            "emas": {name: ema.module.state_dict() for name, ema in student.emas.items()},
+            "ema_state": {name: ema.state_dict() for name, ema in student.emas.items()},
+            "default_ema": self.default_ema,
+            "optimizer": optimizers[self.sampling], "scheduler": schedulers[self.sampling],
+            "optimizers": optimizers, "schedulers": schedulers,
+            "scaler": self.scaler.state_dict(), "method": self.method.state_dict(),
+            "step": self.step, "skipped_steps": self.skipped,
+        }
+        others = self.others()
+        if others:
+            state["networks"] = {n.name: n.module.state_dict() for n in others}
+            state["network_emas"] = {n.name: {e: ema.module.state_dict() for e, ema in n.emas.items()} for n in others}
+            state["network_ema_state"] = {n.name: {e: ema.state_dict() for e, ema in n.emas.items()} for n in others}
+        return state
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; a version-1 checkpoint (one network, ``optimizer`` and
+        ``scheduler`` only) too."""
+        self.student.module.load_state_dict(payload["student"])
+        for name, ema in self.student.emas.items():
+            ema.load_state_dict(payload["ema_state"][name])
+        for network in self.others():
+            network.module.load_state_dict(payload["networks"][network.name])
+            for name, ema in network.emas.items():
+                ema.load_state_dict(payload["network_ema_state"][network.name][name])
+        optimizers = payload.get("optimizers", {self.sampling: payload["optimizer"]})
+        schedulers = payload.get("schedulers", {self.sampling: payload["scheduler"]})
+        for name, network in self.networks.items():
+            network.optimizer.load_state_dict(optimizers[name])
+            network.scheduler.load_state_dict(schedulers[name])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.method.load_state_dict(payload["method"])
+        self.step = int(payload["step"])
+        self.skipped = int(payload.get("skipped_steps", 0))
+
+
+def build_state(method: Method, modules: dict[str, nn.Module], cfg: TrainConfig, *, distributed: Distributed,
+                device: torch.device) -> TrainingState:
+    configs = optimizer_configs(method, list(modules), cfg)
+    averaged = set(method.ema_networks())
+    unknown = sorted(averaged - set(modules))
+    if unknown:
+        raise TypeError(f"method {method.name}: ema_networks names {unknown[0]!r}, which build_networks did not build")
+    networks = {name: build_network(name, module, configs[name], cfg, averaged=name in averaged)
+                for name, module in modules.items()}
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    for network in networks.values():
+        wrap(network, cfg, distributed, device)
+    return TrainingState(method, networks, scaler)

@@ -1,0 +1,263 @@
+"""One optimizer step: the updates of the method's plan, each over the step's micro-batches.
+
+The device is waited for once per step: every update's loss, gradient norm and tensor metrics are
+stacked and read back together (``.tolist()``), after the last update's backward pass and before
+its optimizer step, so that a non-finite last update can still be skipped. Earlier updates of a
+multi-update step must step before the next update's loss (which sees their result), so:
+
+- ``nonfinite=stop``: they step at once and are checked with the rest in the one wait; a
+  non-finite update stops the run, whose last checkpoint is untouched;
+- ``nonfinite=skip``: each of them is read back before it steps (one more wait per update), so
+  that a non-finite one is skipped and nothing it would have changed is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Callable, Optional
+
+import attrs
+import torch
+
+from ..config import TrainConfig
+from ..contracts import Batch, Update
+from ..errors import TrainingFailed
+from .distributed import Distributed
+from .program import TrainingState
+
+
+def micro_batch_seed(seed: int, step: int, micro: int, update: int = 0) -> int:
+    """The loss generator's seed for one micro-batch of one update: a pure function of (seed,
+    step, micro, update), so resuming needs no generator state and a DDP rank draws what the same
+    chunk draws in one process. Update 0 keeps the seeds of single-update training."""
+    return (seed * 0x9E3779B1 + step * 1_000_003 + micro * 7_919 + update * 0x2545F4914F6CDD1D) % (2**63 - 1)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def chunk(batch: Batch, index: int, count: int) -> Batch:
+    """Micro-batch ``index`` of ``count``, interleaved (rows index, index + count, ...): the rows a
+    DDP rank would get from the distributed sampler, so accumulation in one process and DDP agree."""
+    if count == 1:
+        return batch
+
+    def take(value):
+        return None if value is None else value[index::count]
+
+    return Batch(batch.x[index::count], take(batch.cond), take(batch.noise))
+
+
+@attrs.frozen
+class StepSetup:
+    """What every step of a run shares."""
+
+    cfg: TrainConfig
+    seed: int
+    device: torch.device
+    distributed: Distributed
+    generator: torch.Generator
+    #: log ``<loss name>/loss`` etc. per update (several networks or a plan of its own) instead
+    #: of the single-network keys ``loss``, ``grad_norm``.
+    per_update_keys: bool = False
+
+
+@attrs.define
+class UpdateOutcome:
+    """One update's results; ``values`` once read back from the device."""
+
+    index: int
+    update: Update
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    device_metrics: dict
+    host_metrics: dict
+    values: Optional[list] = None  # [loss, grad_norm, *device metrics] as Python floats
+    applied: bool = False
+
+    @property
+    def loss_value(self) -> float:
+        return self.values[0]
+
+    @property
+    def grad_norm_value(self) -> float:
+        return self.values[1]
+
+    def metrics(self) -> dict[str, float]:
+        metrics = dict(self.host_metrics)
+        metrics.update(zip(self.device_metrics, self.values[2:]))
+        metrics["loss"] = self.loss_value
+        metrics["grad_norm"] = self.grad_norm_value
+        return metrics
+
+
+@attrs.frozen
+class StepResult:
+    #: (key, value) pairs for the metric window (a key may appear for several updates)
+    metrics: list
+    #: the loss of the step's last applied update of the sampling network (None: none)
+    sampling_loss: Optional[float]
+    applied: bool
+
+
+def _backward(setup: StepSetup, state: TrainingState, update: Update, index: int, batch: Batch,
+              step: int) -> UpdateOutcome:
+    """Forward and backward of one update over the micro-batches, then the unscaled, clipped
+    gradient norm of its networks (one pass gives the norm, the clipping and the fault check)."""
+    cfg, world, rank = setup.cfg, setup.distributed.world_size, setup.distributed.rank
+    updated = [state.networks[name] for name in update.networks]
+    if len(state.networks) > 1:
+        for network in state.networks.values():
+            network.set_trainable(network.name in update.networks)
+    for network in updated:
+        network.optimizer.zero_grad(set_to_none=True)
+    view = {name: (network.model if name in update.networks else network.module)
+            for name, network in state.networks.items()}
+    accumulate = cfg.grad_accumulation
+    losses: list[torch.Tensor] = []
+    device_metrics: dict[str, list[torch.Tensor]] = {}
+    host_metrics: dict[str, float] = {}
+    for micro in range(accumulate):
+        setup.generator.manual_seed(micro_batch_seed(setup.seed, step, micro * world + rank, index))
+        with contextlib.ExitStack() as sync:
+            if setup.distributed.enabled and micro < accumulate - 1:
+                for network in updated:
+                    if network.ddp is not None:
+                        sync.enter_context(network.ddp.no_sync())
+            with autocast(setup.device, cfg.precision):
+                output = state.method.update_loss(view, update, chunk(batch, micro, accumulate), setup.generator, step)
+            state.scaler.scale(output.loss / accumulate).backward()
+        losses.append(output.loss.detach().float())
+        for key, value in output.metrics.items():
+            if isinstance(value, torch.Tensor):  # read back with the loss, in the step's one wait
+                device_metrics.setdefault(key, []).append(value.detach().float().reshape(()))
+            else:
+                host_metrics[key] = host_metrics.get(key, 0.0) + float(value) / accumulate
+    norms = []
+    for network in updated:
+        state.scaler.unscale_(network.optimizer)
+        clip = network.config.grad_clip
+        norms.append(torch.nn.utils.clip_grad_norm_(network.parameters, clip if clip > 0 else float("inf")))
+    here = losses[0].device
+    grad_norm = norms[0] if len(norms) == 1 else torch.stack([n.float().to(here) for n in norms]).square().sum().sqrt()
+    return UpdateOutcome(index, update, sum(losses) / accumulate, grad_norm,
+                         {k: sum(v) / accumulate for k, v in device_metrics.items()}, host_metrics)
+
+
+def _read_back(outcomes: list[UpdateOutcome]) -> None:
+    """One wait for the device: every value not yet read, stacked into one tensor."""
+    pending = [o for o in outcomes if o.values is None]
+    if not pending:
+        return
+    here = pending[0].loss.device
+    rows = [[o.loss, o.grad_norm.detach().float().to(here), *(v.to(here) for v in o.device_metrics.values())]
+            for o in pending]
+    flat = torch.stack([value for row in rows for value in row]).tolist()
+    for outcome, row in zip(pending, rows):
+        outcome.values, flat = flat[:len(row)], flat[len(row):]
+
+
+def _finite(outcome: UpdateOutcome, precision: str) -> bool:
+    # Under fp16 an overflowing gradient is the loss scaler's business (it skips the step).
+    return math.isfinite(outcome.loss_value) and (precision == "fp16" or math.isfinite(outcome.grad_norm_value))
+
+
+def _stop(outcome: UpdateOutcome, done: int, checkpoint: str, per_update: bool) -> TrainingFailed:
+    what = "loss" if not math.isfinite(outcome.loss_value) else "gradient"
+    where = f" in update {outcome.index} ({outcome.update.loss})" if per_update else ""
+    return TrainingFailed(
+        f"non-finite {what}{where} at step {done} (loss {outcome.loss_value}, gradient norm "
+        f"{outcome.grad_norm_value}); the last good checkpoint is {checkpoint}; set train.nonfinite=skip to skip such "
+        + ("updates" if per_update else "steps")
+    )
+
+
+def _apply(state: TrainingState, outcome: UpdateOutcome) -> None:
+    for name in outcome.update.networks:
+        state.scaler.step(state.networks[name].optimizer)
+    state.scaler.update()
+    outcome.applied = True
+
+
+def _skip(state: TrainingState, outcome: UpdateOutcome) -> None:
+    state.skipped += 1
+    for name in outcome.update.networks:
+        state.networks[name].optimizer.zero_grad(set_to_none=True)
+
+
+def run_step(setup: StepSetup, state: TrainingState, batch: Batch, step: int, *,
+             before_wait: Callable[[], None], checkpoint: Callable[[], str]) -> StepResult:
+    """Optimizer step ``step`` (0-based): the method's updates, then, if any was applied, the
+    schedules, the EMAs and ``after_step``. ``before_wait`` runs just before the step's wait for
+    the device (the trainer collates the next batch there); ``checkpoint()`` names the last good
+    checkpoint for the error a non-finite update raises under ``nonfinite=stop``."""
+    cfg, done = setup.cfg, step + 1
+    plan = state.method.update_plan(step)
+    outcomes: list[UpdateOutcome] = []
+    for index, update in enumerate(plan):
+        outcome = _backward(setup, state, update, index, batch, step)
+        outcomes.append(outcome)
+        last = index == len(plan) - 1
+        if last:
+            before_wait()
+            _read_back(outcomes)
+            if cfg.nonfinite == "stop":
+                for earlier in outcomes:
+                    if not _finite(earlier, cfg.precision):
+                        raise _stop(earlier, done, checkpoint(), setup.per_update_keys)
+        elif cfg.nonfinite == "skip":
+            _read_back([outcome])
+        else:
+            _apply(state, outcome)  # checked in the step's one wait, with the others
+            continue
+        if _finite(outcome, cfg.precision):
+            _apply(state, outcome)
+        else:
+            _skip(state, outcome)
+    if len(state.networks) > 1:
+        for network in state.networks.values():
+            network.set_trainable(True)
+    applied = any(o.applied for o in outcomes)
+    if applied:
+        for network in state.networks.values():
+            _schedule_step(network, several=len(state.networks) > 1)
+        for network in state.networks.values():
+            for ema in network.emas.values():
+                ema.update_parameters(network.module)
+        state.method.after_step(state.student.module, step)
+    state.step = done
+    return StepResult(_metrics(setup, outcomes), _sampling_loss(state, outcomes), applied)
+
+
+def _schedule_step(network, several: bool) -> None:
+    """Every network's schedule follows the training step, also through the steps before its first
+    update, where torch warns that the schedule steps before its optimizer has."""
+    if not several:
+        network.scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        network.scheduler.step()
+
+
+def _metrics(setup: StepSetup, outcomes: list[UpdateOutcome]) -> list[tuple[str, float]]:
+    """What the applied updates log (a skipped update contributes nothing to the averages)."""
+    pairs = []
+    for outcome in outcomes:
+        if not outcome.applied:
+            continue
+        prefix = f"{outcome.update.loss}/" if setup.per_update_keys else ""
+        pairs.extend((f"{prefix}{key}", value) for key, value in outcome.metrics().items())
+    return pairs
+
+
+def _sampling_loss(state: TrainingState, outcomes: list[UpdateOutcome]) -> Optional[float]:
+    for outcome in reversed(outcomes):
+        if outcome.applied and state.sampling in outcome.update.networks:
+            return outcome.loss_value
+    return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from distillkit import LossOutput, Method, Sampler, SamplingModel, hookimpl, validators
+from distillkit import LossOutput, Method, Sampler, SamplingModel, broadcast_time, hookimpl, straight_path, validators
 from distillkit.integrators import validate_time_grid
 
 
@@ -26,10 +26,6 @@ class StepFlowConfig:
     consistency_fraction: float = attrs.field(default=0.25, validator=validators.unit_interval)
     #: the smallest step trained is 2^-finest_log2
     finest_log2: int = attrs.field(default=6, validator=validators.positive_int)
-
-
-def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.dim() - 1)))
 
 
 class StepFlow(Method):
@@ -49,14 +45,13 @@ class StepFlow(Method):
         d = torch.pow(2.0, -j.to(x.dtype))  # in [2^-finest, 1/2]: the double step 2d is at most 1
         consistency = torch.arange(n, device=x.device) >= round(n * (1 - self.config.consistency_fraction))
         t = torch.where(consistency, 2 * d + (1 - 2 * d) * u, u)  # t - 2d >= 0 where a double step is taken
-        x_t = (1 - _column(t, x)) * x + _column(t, x) * eps
-        target = eps - x
+        x_t, target = straight_path(x, eps, t)
         if consistency.any():
             with torch.no_grad():
                 xs, ts, ds = x_t[consistency], t[consistency], d[consistency]
                 cs = None if cond is None else cond[consistency]
                 first = student(xs, ts, cs, extra={"d": ds})
-                second = student(xs - _column(ds, xs) * first, ts - ds, cs, extra={"d": ds})
+                second = student(xs - broadcast_time(ds, xs) * first, ts - ds, cs, extra={"d": ds})
                 target = target.clone()
                 target[consistency] = (first + second) / 2
         step_size = torch.where(consistency, 2 * d, torch.zeros_like(d))

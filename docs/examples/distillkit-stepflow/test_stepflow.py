@@ -2,13 +2,11 @@
 
 from distillkit.testing.methods import MethodConformance
 from distillkit.testing.samplers import SamplerConformance
-from distillkit_stepflow import StepFlow, StepFlowSampler
 
 
 class TestStepFlow(MethodConformance):
-    method_class = StepFlow
+    method_name = "stepflow"
 
 
 class TestStepFlowSampler(SamplerConformance):
-    sampler_class = StepFlowSampler
-    nfes = (1, 2, 4, 8)
+    sampler_name = "stepflow"

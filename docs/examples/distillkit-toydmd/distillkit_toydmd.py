@@ -25,7 +25,8 @@ import math
 import attrs
 import torch
 
-from distillkit import Metric, LossOutput, Method, Sampler, SamplingModel, Update, hookimpl, validators
+from distillkit import (LossOutput, Method, Metric, Sampler, SamplingModel, Update, broadcast_time, hookimpl,
+                        straight_path, validators)
 
 
 @attrs.frozen
@@ -36,10 +37,6 @@ class ToyDMDConfig:
     fake_score_lr: float = attrs.field(default=2e-3, validator=validators.positive_number)
     #: times are drawn in [t_min, 1 - t_min]
     t_min: float = attrs.field(default=0.02, validator=validators.unit_interval)
-
-
-def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, *([1] * (like.dim() - 1)))
 
 
 class ToyDMD(Method):
@@ -72,22 +69,21 @@ class ToyDMD(Method):
         t = self.config.t_min + (1 - 2 * self.config.t_min) * torch.rand(n, **kw)
         eps = torch.randn(x.shape, **kw)
         if update.loss == "fake_score":
-            sample = sample.detach()
-            x_t = (1 - _column(t, x)) * sample + _column(t, x) * eps
-            loss = torch.nn.functional.mse_loss(networks["fake_score"](x_t, t, cond), eps - sample)
+            x_t, velocity = straight_path(sample.detach(), eps, t)
+            loss = torch.nn.functional.mse_loss(networks["fake_score"](x_t, t, cond), velocity)
             return LossOutput(loss)
         with torch.no_grad():
-            x_t = (1 - _column(t, x)) * sample + _column(t, x) * eps
-            x0_real = x_t - _column(t, x) * self.context.teacher.velocity(x_t, t, cond)
-            x0_fake = x_t - _column(t, x) * networks["fake_score"](x_t, t, cond)
+            x_t, _ = straight_path(sample, eps, t)
+            x0_real = x_t - broadcast_time(t, x) * self.context.teacher.velocity(x_t, t, cond)
+            x0_fake = x_t - broadcast_time(t, x) * networks["fake_score"](x_t, t, cond)
             scale = (sample - x0_real).abs().flatten(1).mean(1).clamp_min(1e-6)
-            target = sample - (x0_fake - x0_real) / _column(scale, x)
+            target = sample - (x0_fake - x0_real) / broadcast_time(scale, x)
         loss = 0.5 * torch.nn.functional.mse_loss(sample, target)
         return LossOutput(loss, {"sample_radius": sample.detach().flatten(1).norm(dim=1).mean()})
 
     def velocity_fn(self, student, cond=None):
         """The velocity implied by the one-step map: one Euler step from t to 0 lands on G(x, t)."""
-        return lambda x, t: (x - student(x, t, cond)) / _column(t.clamp_min(1e-3), x)
+        return lambda x, t: (x - student(x, t, cond)) / broadcast_time(t.clamp_min(1e-3), x)
 
     def sampling_model(self, network, cond=None):
         implied = self.velocity_fn(network, cond)

@@ -1,19 +1,23 @@
 """The plugin's own tests: distillkit's conformance bases, reused as they are."""
 
+import distillkit
 from distillkit.testing.methods import MethodConformance
 from distillkit.testing.metrics import MetricConformance
 from distillkit.testing.samplers import SamplerConformance
-from distillkit_toydmd import MissedModes, OneStepSampler, ToyDMD
 
 
 class TestToyDMD(MethodConformance):
-    method_class = ToyDMD
+    method_name = "toy-dmd"
 
 
 class TestOneStepSampler(SamplerConformance):
-    sampler_class = OneStepSampler
-    nfes = (1,)
+    sampler_name = "onestep"
 
 
 class TestMissedModes(MetricConformance):
-    metric_class = MissedModes
+    metric_name = "missed_modes"
+    n = 400
+
+    def make_dataset(self):
+        toy2d = distillkit.get_registries().datasets.get("toy2d")
+        return toy2d(toy2d.config_class(train_size=2000))

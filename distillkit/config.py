@@ -16,7 +16,7 @@ from typing import Any, Optional
 import attrs
 
 from .errors import ConfigError
-from .validators import non_negative_int, non_negative_number, one_of, positive_int, positive_number
+from .validators import float_tuple, int_tuple, non_negative_int, non_negative_number, one_of, positive_int, positive_number
 
 # --------------------------------------------------------------------------------------------
 # validators that produce one-line ConfigErrors
@@ -32,18 +32,6 @@ def _decays(instance, attribute, value) -> None:
         raise ConfigError(attribute.name, ",".join(map(str, value)), "one or more numbers in [0, 1), comma-separated")
 
 
-def _float_tuple(value) -> tuple:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (float(value),)
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        try:
-            return tuple(float(p) for p in parts)
-        except ValueError:
-            return tuple(parts)
-    return tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
-
-
 def _non_empty_str(instance, attribute, value) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(attribute.name, value, "a non-empty string")
@@ -55,16 +43,6 @@ def _device(instance, attribute, value) -> None:
     head, _, index = value.partition(":")
     if head not in ("cpu", "cuda", "mps", "auto") or (index and not (head == "cuda" and index.isdigit())):
         raise ConfigError(attribute.name, value, "cpu, cuda, cuda:N, mps or auto")
-
-
-def _int_tuple(value) -> tuple:
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        try:
-            return tuple(int(p) for p in parts)
-        except ValueError:
-            return tuple(parts)
-    return tuple(value)
 
 
 def option(default: Any, *validators, cli: Optional[str] = None, help: str = "", converter=None, **kw):
@@ -104,7 +82,7 @@ class OptimizerConfig:
 
     optimizer: str = option("adam", one_of(*OPTIMIZERS), help="adam, adamw or radam")
     lr: float = option(2e-3, positive_number, help="learning rate (after warm-up)")
-    betas: tuple = option((0.9, 0.999), _betas, converter=_float_tuple, help="the optimizer's two moment decays")
+    betas: tuple = option((0.9, 0.999), _betas, converter=float_tuple, help="the optimizer's two moment decays")
     eps: float = option(1e-8, positive_number, help="the optimizer's denominator epsilon")
     weight_decay: float = option(0.0, non_negative_number, help="weight decay (decoupled for adamw)")
     lr_schedule: str = option("warmup", one_of(*LR_SCHEDULES), help="warmup, constant, cosine or inverse-sqrt")
@@ -127,7 +105,7 @@ class TrainConfig:
     batch_size: int = option(128, positive_int, cli="--batch-size", help="samples per optimizer step")
     optimizer: str = option("adam", one_of(*OPTIMIZERS), help="optimizer: adam, adamw or radam")
     lr: float = option(2e-3, positive_number, cli="--lr", help="learning rate")
-    betas: tuple = option((0.9, 0.999), _betas, converter=_float_tuple, help="the optimizer's moment decays (beta1, beta2)")
+    betas: tuple = option((0.9, 0.999), _betas, converter=float_tuple, help="the optimizer's moment decays (beta1, beta2)")
     eps: float = option(1e-8, positive_number, help="the optimizer's epsilon")
     weight_decay: float = option(0.0, non_negative_number, help="weight decay (decoupled for adamw)")
     lr_schedule: str = option(
@@ -137,7 +115,7 @@ class TrainConfig:
     )
     warmup_steps: int = option(100, non_negative_int, help="linear learning-rate warm-up steps")
     ema_decay: tuple = option(
-        (0.999,), _decays, converter=_float_tuple,
+        (0.999,), _decays, converter=float_tuple,
         help="EMA decay(s) per step, comma-separated; the first is evaluated by default",
     )
     ema_halflife_images: float = option(
@@ -158,7 +136,7 @@ class TrainConfig:
     keep_last: int = option(2, positive_int, help="periodic checkpoints kept on disk (the newest)")
     keep_every: int = option(0, non_negative_int, help="also keep (and log to MLflow) every checkpoint at a multiple of this step")
     sample_every: int = option(0, non_negative_int, help="steps between sample grids from fixed noise (0 = none)")
-    sample_nfe: tuple = option((1, 4), _positive_ints, converter=_int_tuple, help="NFEs of the grids drawn during training")
+    sample_nfe: tuple = option((1, 4), _positive_ints, converter=int_tuple, help="NFEs of the grids drawn during training")
     networks: dict = option(
         {}, _network_overrides, converter=lambda value: dict(value) if isinstance(value, dict) else value,
         help="per-network optimizer options of multi-network methods (train.networks.NAME.KEY=VALUE)",
@@ -182,7 +160,7 @@ class TrainConfig:
 @attrs.frozen
 class SampleConfig:
     nfe: tuple = option(
-        (1, 2, 4, 8), _positive_ints, cli="--nfe", converter=_int_tuple,
+        (1, 2, 4, 8), _positive_ints, cli="--nfe", converter=int_tuple,
         help="network evaluations per sample at the end-of-run evaluation",
     )
     sampler: str = option("", cli="--sampler",

@@ -295,6 +295,12 @@ class MetricContext:
     time_grid, integrator)`` integrates a velocity field from exactly the noise (and labels) the
     evaluated samples start from, ``n`` samples on the CPU. ``reference_samples()`` gives (and
     caches) ``n`` real samples drawn with ``torch.Generator().manual_seed(seed)``.
+
+    ``model_for`` and ``velocity_for`` are None when nothing is sampled: for a check-only subject
+    (a comparison checks and prepares its metrics before any child is trained), so ``problem`` and
+    ``prepare`` must not call them; ``measure`` is only ever given a context where both are set.
+    They stay required fields (no default): passing None is explicit, and the field order, which
+    positional callers would rely on, is unchanged.
     """
 
     spec: DataSpec
@@ -305,8 +311,8 @@ class MetricContext:
     labels: Optional[torch.Tensor]
     device: Any
     batch_size: int
-    model_for: Callable[[Optional[torch.Tensor]], SamplingModel]
-    velocity_for: Callable[[Optional[torch.Tensor]], VelocityFn]
+    model_for: Optional[Callable[[Optional[torch.Tensor]], SamplingModel]]
+    velocity_for: Optional[Callable[[Optional[torch.Tensor]], VelocityFn]]
     solve: Callable[..., torch.Tensor]
     reference_samples: Callable[[], torch.Tensor]
     teacher: Optional["Teacher"] = None

@@ -69,3 +69,29 @@ def registered_integrator(instance, attribute, value) -> None:
 
     names = get_registries().integrators.names()
     require(isinstance(value, str) and value in names, attribute, value, "a registered integrator: " + ", ".join(names))
+
+
+
+def _split(text: str, kind: type) -> tuple:
+    """``"1, 2"`` -> (kind(1), kind(2)); the raw parts when one is not a ``kind``, for the
+    field's validator to name in its one-line error."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return tuple(kind(p) for p in parts)
+    except ValueError:
+        return tuple(parts)
+
+
+def float_tuple(value) -> tuple:
+    """A converter for list options: a number, a comma-separated string (``"1,0.5,0"``, as
+    ``--set`` gives it) or a sequence, to a tuple of floats (integers become floats)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),)
+    if isinstance(value, str):
+        return _split(value, float)
+    return tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
+
+
+def int_tuple(value) -> tuple:
+    """A converter for integer list options: a comma-separated string (``"1,2,4"``) or a sequence."""
+    return _split(value, int) if isinstance(value, str) else tuple(value)

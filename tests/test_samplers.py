@@ -233,3 +233,24 @@ def test_cud_heun_sampler_is_the_papers_heun_sampler_on_the_uniform_grid():
         torch.testing.assert_close(out, heun_sample(velocity, noise, nfe), rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="odd number"):
         chosen.steps_for_nfe(4)
+
+
+def test_explicit_grid_must_run_from_noise_to_data():
+    with pytest.raises(ConfigError, match="decrease from noise to data"):
+        grid("explicit", points="0,0.5,1")
+
+
+def test_consistency_sampler_spends_every_evaluation_even_below_the_models_data_end():
+    calls = []
+
+    def f(x, t):
+        calls.append(float(t[0]))
+        return 0.5 * x
+
+    noise = torch.ones(2, 1, dtype=torch.float64)
+    # karras-sigma's last interior point (0.001996) lies under t_min = 0.002
+    time_grid = grid("karras-sigma").make(3)
+    assert float(time_grid[-2]) < 0.002
+    out = sampler("consistency").sample(SamplingModel(denoise=f, t_min=0.002), noise, time_grid, generator_noise(0, (2, 1)))
+    assert len(calls) == 3 and calls[-1] == pytest.approx(0.002)
+    assert torch.isfinite(out).all()

@@ -125,7 +125,10 @@ GRID_KINDS: dict[str, Callable[..., torch.Tensor]] = {"uniform": uniform_grid, "
 
 
 def grid_from_spec(kind: str, steps: int, **options: float) -> torch.Tensor:
-    """Build a grid by kind name (``"uniform"`` or ``"edm"``), e.g. from a config file."""
+    """Build an integration grid by kind name (``"uniform"`` or ``"edm"``) with any end points
+    (``t_start``, ``t_end``), for ``distillkit.integrate``. Sampling grids, from noise to data, are
+    the registered ``TimeGrid`` families instead (``sample.grid``: uniform, edm, karras-sigma,
+    explicit, and any a plugin adds)."""
     try:
         make = GRID_KINDS[kind]
     except (KeyError, TypeError):

@@ -159,6 +159,8 @@ class CatchUpDistillation(Method):
     name = "cud"
     config_class = CUDConfig
     uses_integrator = True
+    #: the look-ahead heads and the encoder read the backbone's decoder features
+    backbone_capabilities = frozenset({distillkit.OUTPUT_HEADS})
 
     def __init__(self, config: CUDConfig, context):
         super().__init__(config, context)

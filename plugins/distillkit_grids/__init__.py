@@ -9,8 +9,9 @@
   appends sigma = 0. Sampling starts from pure noise, so by default (``start_at_noise``) the
   first point is t = 1 (sigma = infinity) instead of sigma_max's t = 80/81; the other points are
   Karras'. This is the grid consistency models train and sample on.
-* ``explicit``: the points given in ``sample.grid_options.points`` (a comma-separated list from
-  1 down to 0); it has len(points) - 1 steps, and an NFE needing another step count is refused.
+* ``explicit``: the points given in ``sample.grid_options.points`` (a comma-separated list that
+  decreases, from 1 down to 0); it has len(points) - 1 steps, and an NFE needing another step
+  count is refused.
 """
 
 from __future__ import annotations
@@ -80,28 +81,19 @@ class KarrasSigmaGrid(TimeGrid):
         return validate_time_grid(times)
 
 
-def _points(value) -> tuple:
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        try:
-            return tuple(float(p) for p in parts)
-        except ValueError:
-            return tuple(parts)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (float(value),)
-    return tuple(value)
-
-
 def _valid_points(instance, attribute, value):
+    shown = ",".join(map(str, value))
     try:
-        validate_time_grid(list(value))
+        points = validate_time_grid(list(value)).tolist()
     except TimeGridError as exc:
-        validators.require(False, attribute, ",".join(map(str, value)), str(exc).split(";")[0])
+        validators.require(False, attribute, shown, str(exc).split(";")[0])
+    validators.require(points[0] > points[-1], attribute, shown,
+                       "points that decrease from noise to data (sampling runs from t = 1 towards t = 0)")
 
 
 @attrs.frozen
 class ExplicitOptions:
-    points: tuple = attrs.field(default=(1.0, 0.0), converter=_points, validator=_valid_points)
+    points: tuple = attrs.field(default=(1.0, 0.0), converter=validators.float_tuple, validator=_valid_points)
 
 
 class ExplicitGrid(TimeGrid):

@@ -1,0 +1,194 @@
+"""Starting, resuming and finishing one tracked training run: what ``distillkit run`` does between
+parsing its flags and printing its report.
+
+``start_run`` resolves the configuration (for ``--resume RUN``: the checkpoint's, with only the
+``RESUMABLE`` options taken from the command line); ``resume_newest`` finds the checkpoint
+``--resume auto`` continues; ``launch`` checks the device, the tracking server, the data, the
+teacher and the runs directory before anything is created, then opens the MLflow run, trains
+(one process or one rank of ``torchrun``) and ends the run as FINISHED, FAILED or KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import attrs
+
+from ..config import RunConfig, default_runs_dir, flatten, run_config_from_dict
+from ..errors import ConfigError
+from ..resolve import Resolved, resolve
+
+#: Options that may differ when a run is resumed: where and how it runs, not what it trains.
+RESUMABLE = {
+    "runs_dir", "tracking_uri", "device", "experiment", "data_root",
+    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
+    "train.sample_every",
+}
+
+
+def config_identity(resolved_tree: dict) -> str:
+    """A hash of what a run trains (not where it runs): ``--resume auto`` matches runs by it."""
+    what = {k: v for k, v in flatten(resolved_tree).items() if k not in RESUMABLE}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_resume(reference: str, runs_dir: Path, identity: str) -> Optional[Path]:
+    """The checkpoint to resume: a file, a run id / run folder name, or ``auto`` (the newest
+    checkpoint under ``runs_dir`` of a run whose config has ``identity``; None if there is none)."""
+    if reference == "auto":
+        from .checkpoint import load_checkpoint
+
+        candidates = sorted((runs_dir / "runs").glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for path in candidates:  # newest first: a finished run of this config is returned too
+            if config_identity(load_checkpoint(path)["config"]) == identity:
+                return path
+        return None
+    path = Path(reference).expanduser()
+    if path.is_file():
+        return path
+    local = runs_dir / "runs" / reference / "checkpoint.pt"
+    if local.is_file():
+        return local
+    raise ConfigError("--resume", reference, f"a checkpoint file, a run id with a checkpoint under {runs_dir / 'runs'}, or auto")
+
+
+def resumed_config(payload: dict, tree: dict) -> RunConfig:
+    """The checkpoint's config, with only the RESUMABLE options taken from the command line."""
+    given = flatten(tree)
+    changed = sorted(k for k in given if k not in RESUMABLE)
+    if changed:
+        raise ConfigError("--resume", changed[0], "only where and how long a run runs may change on resume: "
+                          + ", ".join(sorted(RESUMABLE)))
+    base = payload["config"]
+    for key, value in given.items():
+        section, _, leaf = key.rpartition(".")
+        (base[section] if section else base)[leaf] = value
+    return run_config_from_dict(base)
+
+
+@attrs.frozen
+class RunStart:
+    """A resolved run and, when it continues an earlier one, the checkpoint it resumes from.
+    ``finished``: the checkpoint ``--resume auto`` found is of a run that already finished (its
+    payload is then not loaded: nothing is trained again)."""
+
+    resolved: Resolved
+    resume_path: Optional[Path] = None
+    resume_payload: Optional[dict[str, Any]] = None
+    finished: bool = False
+
+
+def start_run(tree: dict, resume: Optional[str] = None) -> RunStart:
+    """The run the option ``tree`` describes. ``resume``: a checkpoint file or a run id / run folder
+    name to continue (its config, with the RESUMABLE options of ``tree``); ``auto`` is looked up
+    later by ``resume_newest``, so that a dry run reads no checkpoint."""
+    from ..plugin_manager import get_registries
+
+    if resume and resume != "auto":
+        from .checkpoint import load_checkpoint
+
+        runs_dir = default_runs_dir(run_config_from_dict({k: v for k, v in tree.items() if k == "runs_dir"}))
+        path = find_resume(resume, runs_dir, "")
+        payload = load_checkpoint(path)
+        return RunStart(resolve(resumed_config(payload, tree), get_registries()), path, payload)
+    return RunStart(resolve(run_config_from_dict(tree), get_registries()))
+
+
+def resume_newest(start: RunStart) -> RunStart:
+    """``start`` continuing the newest run of the same configuration under its runs directory, if
+    there is one (``finished`` if that run already finished)."""
+    from .checkpoint import load_checkpoint
+    from .trainer import FINISHED_MARKER
+
+    resolved = start.resolved
+    path = find_resume("auto", default_runs_dir(resolved.config), config_identity(resolved.to_dict()))
+    if path is None:
+        return start
+    if (path.parent / FINISHED_MARKER).exists():
+        return attrs.evolve(start, resume_path=path, finished=True)
+    return attrs.evolve(start, resume_path=path, resume_payload=load_checkpoint(path))
+
+
+@contextlib.contextmanager
+def finished_on_failure(tracker) -> Iterator[Any]:
+    """An exception inside ends the tracker's run as KILLED (Ctrl-C) or FAILED, and goes on."""
+    try:
+        yield tracker
+    except BaseException as exc:
+        tracker.finish("KILLED" if type(exc) is KeyboardInterrupt else "FAILED")
+        raise
+
+
+def load_run_teacher(resolved: Resolved, spec, device, *, runs_dir: Path, tracking_uri: str):
+    """The teacher ``resolved`` distils (None when it names none), loaded and so checked."""
+    from ..contracts import TeacherContext
+    from ..plugin_manager import get_registries
+    from ..teachers import load_teacher
+
+    config = resolved.config
+    if not config.teacher:
+        return None
+    context = TeacherContext(data=spec, dataset_name=config.dataset, dataset_config=resolved.dataset_config,
+                             device=device, runs_dir=str(runs_dir), tracking_uri=tracking_uri)
+    return load_teacher(config.teacher, get_registries(), context)
+
+
+@attrs.frozen
+class Launched:
+    """What ``launch`` trained. ``training`` is None on the ranks of ``torchrun`` other than 0,
+    which report nothing; ``tracking_uri`` is "" when the run was not tracked."""
+
+    training: Any  # distillkit.training.trainer.RunResult, or None
+    tracking_uri: str = ""
+
+
+def launch(start: RunStart, *, track: bool = True, progress: bool = True) -> Launched:
+    """Train ``start`` (resuming its checkpoint, if any) in a new or continued MLflow run, or
+    untracked; every input is checked before the run or its folder is created."""
+    # Imported here: the trainer pulls in torchdata, tqdm and the evaluation code.
+    from ..arguments import check_device_available, check_writable
+    from ..tracking import MlflowTracker, NullTracker, check_reachable, resolve_tracking_uri
+    from . import distributed as dist_setup
+    from .build import build_dataset
+    from .trainer import train
+
+    resolved, config = start.resolved, start.resolved.config
+    check_device_available(config.device)
+    if track:  # an unreachable server is found before anything is written
+        check_reachable(resolve_tracking_uri(config.tracking_uri, default_runs_dir(config)))
+    distributed, device = dist_setup.setup(config.device)
+    try:
+        runs_dir = default_runs_dir(config)
+        # Data and teacher first: a missing file must stop the run before anything is created.
+        dataset = build_dataset(resolved)
+        teacher = load_run_teacher(resolved, dataset.spec, device, runs_dir=runs_dir, tracking_uri=config.tracking_uri)
+        if distributed.is_main:
+            check_writable(runs_dir)
+
+        tracking_uri = ""
+        previous_run = start.resume_payload.get("run_id") if start.resume_payload else None
+        if not track or not distributed.is_main:
+            tracker = NullTracker()
+            tracker.run_id = previous_run
+        else:
+            tracking_uri = resolve_tracking_uri(config.tracking_uri, runs_dir)
+            variant = f"-{config.integrator}" if resolved.method_cls.uses_integrator else ""
+            tracker = MlflowTracker(tracking_uri, config.experiment, runs_dir / "artifacts",
+                                    run_name=f"{config.method}{variant}-{config.dataset}", run_id=previous_run)
+        if start.resume_path is not None:
+            output_dir = start.resume_path.parent
+        else:
+            name = tracker.run_id or datetime.datetime.now().strftime("untracked-%Y%m%d-%H%M%S-%f")
+            output_dir = runs_dir / "runs" / distributed.broadcast(name)
+        with finished_on_failure(tracker):
+            result = train(resolved, tracker, output_dir, dataset=dataset, teacher=teacher,
+                           resume=start.resume_payload, distributed=distributed, device=device, progress=progress)
+        tracker.finish("FINISHED")
+    finally:
+        dist_setup.teardown(distributed)
+    return Launched(result if distributed.is_main else None, tracking_uri)

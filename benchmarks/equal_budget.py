@@ -236,7 +236,8 @@ def markdown(plan: Plan, args, info: dict, rows: list[dict], skipped: list[str],
     fm = next((r["seconds_per_step"] for r in rows if r["label"] == "fm"), None)
     for r in rows:
         relative = f"{r['seconds_per_step'] / fm:.2f}×" if fm else "–"
-        text.append(f"| {r['label']} | {r['steps']} × {r['batch_size']} | {r['evals_with_grad']:g} + {r['evals_no_grad']:g} "
+        text.append(f"| {r['label']} | {r['steps']} × {r['batch_size']} | {r['evals_with_grad']:g} + {r['evals_no_grad']:g}"
+                    f"{' + %g JVP' % r['evals_jvp'] if r.get('evals_jvp') else ''} "
                     f"| {r['seconds_per_step']:.4f} | {r['images_per_second']:,.0f} | {relative} | {r['wall_seconds']:.1f} |")
     for metric in plan.metrics:
         text += ["", f"## {metric}", "", "| variant | " + " | ".join(f"NFE {k}" for k in plan.nfes) + " |",
@@ -335,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
                 "label": label, "method": variant.method, "integrator": resolved.integrator.name
                 if resolved.method_cls.uses_integrator else "none",
                 "steps": steps, "batch_size": plan.batch, "training_images": steps * plan.batch,
-                "evals_with_grad": evals["with_grad"], "evals_no_grad": evals["no_grad"],
+                "evals_with_grad": evals["with_grad"], "evals_no_grad": evals["no_grad"], "evals_jvp": evals.get("jvp", 0),
                 "seconds_per_step": done["seconds_per_step"], "timed_steps": done["timed_steps"],
                 "images_per_second": plan.batch / done["seconds_per_step"], "wall_seconds": done["wall_seconds"],
                 "eval_seconds": time.perf_counter() - started, "final_loss": done["final_loss"],

@@ -138,7 +138,7 @@ def main() -> None:
              "evaluations per step are the method's own count (`Method.network_evals_per_step`). Distillation "
              "methods use an untrained teacher of the same network (a teacher evaluation costs the same trained or not). "
              "Start-up: build + `prepare` (teacher pairs / trajectories, scaled to 4 batches here) + the first step.", "",
-             "| method | network evals / step (grad + no-grad) | once, at the recipe's defaults | images/s | time per step vs fm | peak memory MiB | start-up s |",
+             "| method | network evals / step (grad + no-grad + JVP) | once, at the recipe's defaults | images/s | time per step vs fm | peak memory MiB | start-up s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for label in labels:
         runs = rows[label]["runs"]
@@ -157,7 +157,7 @@ def main() -> None:
             memory = float("nan") if args.no_memory else peak_rss_mb(label, args)
         rows[label].update(evals=evals, evals_once=once, images_per_second=rate, relative_time=fm_rate / rate, peak_memory_mb=memory,
                            startup_seconds=median([run["startup_seconds"] for run in runs]))
-        lines.append(f"| {label} | {evals['with_grad']} + {evals['no_grad']} | {once:,} | {rate:,.0f} | {fm_rate / rate:.2f}× | "
+        lines.append(f"| {label} | {evals['with_grad']} + {evals['no_grad']} + {evals.get('jvp', 0)} | {once:,} | {rate:,.0f} | {fm_rate / rate:.2f}× | "
                      f"{memory:,.0f} | {rows[label]['startup_seconds']:.1f} |")
     if device.type != "cuda":
         lines.append("\nCPU peak memory is each method's own process's peak resident set (including the Python "

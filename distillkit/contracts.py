@@ -579,7 +579,11 @@ class Method(_Named):
         return SamplingModel.from_velocity(self.velocity_fn(network, cond))
 
     def network_evals_per_step(self) -> dict[str, int]:
-        """Network evaluations spent per training step: ``with_grad`` and ``no_grad`` passes."""
+        """Network evaluations spent per training step: ``with_grad`` and ``no_grad`` passes, and,
+        for a method that differentiates the network along a tangent (MeanFlow, sCT / sCD), ``jvp``:
+        the Jacobian-vector products, each a forward pass carrying a tangent (about 2-3 plain
+        forwards of time and memory), counted apart so that they are not hidden among plain
+        evaluations. ``jvp`` may be left out when it is 0."""
         return {"with_grad": 1, "no_grad": 0}
 
     def network_evals_once(self) -> int:

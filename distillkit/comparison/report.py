@@ -32,10 +32,16 @@ class Row:
     images_per_second: float
     values: dict  # metric -> {nfe: value}
     sampler: str = ""  # what it was evaluated with: ``<sampler describe>/<grid>`` (``ode/euler/uniform``)
+    evals_jvp: float = 0.0  # Jacobian-vector products per step (MeanFlow, sCT / sCD), counted apart
 
     @property
     def images(self) -> int:
         return self.steps * self.batch_size
+
+
+def _evals(with_grad: float, no_grad: float, jvp: float) -> str:
+    """``1 + 3`` (forward+backward + no-grad), with ``+ 2 JVP`` when the method takes any."""
+    return f"{with_grad:g} + {no_grad:g}" + (f" + {jvp:g} JVP" if jvp else "")
 
 
 def child_row(child: Child, run_id: str, *, reused: bool, values: dict, sampler: str, logged: dict) -> Row:
@@ -46,6 +52,7 @@ def child_row(child: Child, run_id: str, *, reused: bool, values: dict, sampler:
         run_id=run_id, reused=reused, steps=config.train.max_steps, batch_size=config.train.batch_size,
         evals_with_grad=logged.get("cost/network_evals_with_grad", float("nan")),
         evals_no_grad=logged.get("cost/network_evals_no_grad", float("nan")),
+        evals_jvp=logged.get("cost/network_evals_jvp", 0.0),
         train_seconds=logged.get("cost/train_seconds", float("nan")),
         wall_seconds=logged.get("cost/wall_seconds", float("nan")),
         images_per_second=logged.get("cost/images_per_second", float("nan")),
@@ -80,7 +87,7 @@ def markdown_table(rows: list[Row], metrics: list[str], nfes: list[int], header:
         reused = " (reused)" if r.reused else ""
         lines.append(
             f"| {r.label} | {r.sampler or '–'} | `{r.run_id[:8]}`{reused} | {r.steps} × {r.batch_size} | {r.images:,} | "
-            f"{r.evals_with_grad:g} + {r.evals_no_grad:g} | {r.train_seconds:.1f} | {r.wall_seconds:.1f} | "
+            f"{_evals(r.evals_with_grad, r.evals_no_grad, r.evals_jvp)} | {r.train_seconds:.1f} | {r.wall_seconds:.1f} | "
             f"{r.images_per_second:,.0f} |"
         )
     for metric in metrics:
@@ -118,12 +125,12 @@ def note(markdown: str) -> str:
 
 def csv_rows(rows: list[Row], metrics: list[str], nfes: list[int]) -> tuple[list[str], list[list]]:
     columns = ["variant", "method", "integrator", "sampler", "run_id", "reused", "steps", "batch_size", "training_images",
-               "network_evals_with_grad", "network_evals_no_grad", "train_seconds", "wall_seconds",
+               "network_evals_with_grad", "network_evals_no_grad", "network_evals_jvp", "train_seconds", "wall_seconds",
                "images_per_second"] + [f"{m}@nfe{k}" for m in metrics for k in nfes]
     body = []
     for r in rows:
         body.append([r.label, r.method, r.integrator, r.sampler, r.run_id, r.reused, r.steps, r.batch_size, r.images,
-                     r.evals_with_grad, r.evals_no_grad, round(r.train_seconds, 3), round(r.wall_seconds, 3),
+                     r.evals_with_grad, r.evals_no_grad, r.evals_jvp, round(r.train_seconds, 3), round(r.wall_seconds, 3),
                      round(r.images_per_second, 1)]
                     + [r.values.get(m, {}).get(k, "") for m in metrics for k in nfes])
     return columns, body

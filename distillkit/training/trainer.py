@@ -101,7 +101,7 @@ def _log_start(resolved: Resolved, tracker: Tracker, parts: Components, state: T
         tags["distillkit.teacher"] = teacher.identity
     tracker.set_tags(tags)
     metrics = {"cost/network_evals_with_grad": evals["with_grad"], "cost/network_evals_no_grad": evals["no_grad"],
-               "cost/network_evals_once": method.network_evals_once(),
+               "cost/network_evals_jvp": evals.get("jvp", 0), "cost/network_evals_once": method.network_evals_once(),
                "model/parameters": count_parameters(state.student.module)}
     if len(state.networks) > 1:
         metrics.update({f"model/parameters/{n.name}": count_parameters(n.module) for n in state.networks.values()})
@@ -121,7 +121,8 @@ def _start_line(resolved: Resolved, state: TrainingState, world: int, start_step
     return (f"distillkit: {config.method} on {config.dataset} with {resolved.backbone_name} "
             f"({size}), {cfg.max_steps} steps of {cfg.batch_size}"
             f"{f' on {world} processes' if world > 1 else ''}, {evals['with_grad']} forward+backward and "
-            f"{evals['no_grad']} no-grad network evaluations per step"
+            f"{evals['no_grad']} no-grad network evaluations"
+            + (f" and {evals['jvp']} Jacobian-vector products" if evals.get("jvp") else "") + " per step"
             + (f" (plus {once:,} once, for the data it trains on)" if once else "")
             + (f"; resuming at step {start_step}" if start_step else ""))
 

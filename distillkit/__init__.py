@@ -47,6 +47,7 @@ from .numerics import (
 from .integrators.tableau import ButcherTableau
 from .plugin_manager import get_registries
 from .integrators import edm_grid, explicit_grid, integrate, uniform_grid, validate_time_grid
+from .teachers import load_teacher
 from .trained import TrainedModel, copy_teacher_weights, find_checkpoint, load_trained_model, teacher_network
 
 __version__ = "0.1.0"
@@ -83,6 +84,7 @@ __all__ = [
     "teacher_network",
     "find_checkpoint",
     "load_trained_model",
+    "load_teacher",
     "TimeGridError",
     "UnknownNameError",
     "UsageError",

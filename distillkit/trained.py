@@ -8,6 +8,7 @@ installed plugins is needed to rebuild the model (not the dataset files).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -120,11 +121,19 @@ def find_checkpoint(reference: str, *, runs_dir: str | Path, tracking_uri: str =
 
 
 # Starting a student from its teacher's weights (checkpoint / run teachers have a network of the
-# same shapes; analytic teachers have none). Shared by every distillation method plugin.
+# same shapes; a foreign teacher (EDM, diffusers) exposes its network as ``teacher.network``, and
+# a student fits it when built with ``teacher.student_backbone``; analytic teachers have none).
+# Shared by every distillation method plugin.
+
+_log = logging.getLogger("distillkit.init")
 
 
 def teacher_network(teacher: object) -> Optional[nn.Module]:
-    """The network behind a checkpoint / run teacher (``teacher.trained.model``), else None."""
+    """The network behind a teacher: ``teacher.network`` (foreign teachers), else a checkpoint /
+    run teacher's ``teacher.trained.model``, else None."""
+    network = getattr(teacher, "network", None)
+    if isinstance(network, nn.Module):
+        return network
     return getattr(getattr(teacher, "trained", None), "model", None)
 
 
@@ -132,10 +141,30 @@ def _same_shapes(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
+def _option_text(value: object) -> str:
+    if isinstance(value, (tuple, list)):
+        return "[" + ",".join(_option_text(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def student_backbone_advice(teacher: object) -> str:
+    """One line: why the student cannot start from the teacher's weights and what would let it."""
+    suggested = getattr(teacher, "student_backbone", None)
+    if suggested is None:
+        kind = type(teacher_network(teacher)).__name__
+        return (f"the student starts from random weights: the teacher's network ({kind}) has no distillkit "
+                f"backbone of the same architecture (method_options.init_from_teacher=false silences this)")
+    name, options = suggested
+    flags = " ".join(f"--set backbone_options.{k}={_option_text(v)}" for k, v in options.items())
+    return (f"the student starts from random weights: its network differs from the teacher's; to start from the "
+            f"teacher's weights pass --backbone {name} {flags}")
+
+
 def copy_teacher_weights(target: nn.Module, teacher: object) -> str:
     """Load the teacher network's weights into ``target`` when their state dicts have the same
     keys and shapes, else its ``backbone``'s (the trunk and main head of a multi-head student,
-    e.g. CUD's). Returns what was copied: ``teacher``, ``teacher-backbone`` or ``random``."""
+    e.g. CUD's). Returns what was copied: ``teacher``, ``teacher-backbone`` or ``random``; a
+    teacher network that fits nowhere is reported in one line (``student_backbone_advice``)."""
     source = teacher_network(teacher)
     if source is None:
         return "random"
@@ -144,4 +173,6 @@ def copy_teacher_weights(target: nn.Module, teacher: object) -> str:
         if isinstance(module, nn.Module) and _same_shapes(module.state_dict(), wanted):
             target.load_state_dict(module.state_dict())
             return label
+    if getattr(teacher, "network", None) is not None:  # a foreign teacher: say what would fit
+        _log.warning(student_backbone_advice(teacher))
     return "random"

@@ -68,7 +68,7 @@ def test_run_id_teacher_from_local_runs_dir_and_from_mlflow_artifacts(capsys, re
 def test_missing_run_and_unknown_spec_are_one_line_errors(registries, tmp_path):
     with pytest.raises(UsageError, match="run 0123456789abcdef0123456789abcdef cannot be read"):
         load_teacher("0123456789abcdef0123456789abcdef", registries, context(registries, runs_dir=tmp_path))
-    with pytest.raises(ConfigError, match="an MLflow run id, a checkpoint file, or a teacher name"):
+    with pytest.raises(ConfigError, match="an MLflow run id, a checkpoint file, diffusers:PATH, edm:FILE or a teacher name"):
         load_teacher("no-such-teacher", registries, context(registries))
 
 

@@ -32,6 +32,7 @@ from torch import nn
 import distillkit
 from distillkit import OUTPUT_HEADS, Backbone, DataSpec
 
+from .edm_layout import EdmLayout
 from .embeddings import (
     ExtraEmbedding,
     ScalarEmbedding,
@@ -303,7 +304,8 @@ class ADMOutputBlock(nn.Module):
         return self.conv(F.silu(self.norm(features)))
 
 
-class ADM(Backbone):
+class ADM(EdmLayout, Backbone):
+    edm_class = "DhariwalUNet"
     name = "adm"
     config_class = ADMConfig
     accepts_conditioning = True

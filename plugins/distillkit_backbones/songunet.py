@@ -45,6 +45,7 @@ from torch import nn
 import distillkit
 from distillkit import OUTPUT_HEADS, Backbone, DataSpec
 
+from .edm_layout import EdmLayout
 from .embeddings import (
     ExtraEmbedding,
     PositionalEmbedding,
@@ -255,7 +256,8 @@ class SongOutputBlock(nn.Module):
         return self.conv(F.silu(self.norm(features)))
 
 
-class SongUNet(Backbone):
+class SongUNet(EdmLayout, Backbone):
+    edm_class = "SongUNet"
     name = "songunet"
     config_class = SongUNetConfig
     accepts_conditioning = True

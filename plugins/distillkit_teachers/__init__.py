@@ -1,4 +1,5 @@
-"""Teachers from trained distillkit models: a checkpoint file or an MLflow run id.
+"""Teachers: trained distillkit models (a checkpoint file or an MLflow run id) and models trained
+elsewhere (``diffusers:PATH``, ``edm:FILE``; see docs/teachers.md).
 
 Any method's trained run can teach any other method: the teacher's velocity is the trained
 method's own sampling velocity (e.g. CUD's sampling head), from its EMA weights.
@@ -42,4 +43,9 @@ class CheckpointTeacher(Teacher):
 
 @hookimpl
 def distillkit_register_teachers(register):
+    from .diffusers_teacher import DiffusersTeacher  # imports diffusers only when one is loaded
+    from .edm_teacher import EdmTeacher
+
     register(CheckpointTeacher)
+    register(DiffusersTeacher)
+    register(EdmTeacher)

@@ -167,7 +167,8 @@ class DiffusersTeacher(Teacher):
         return cls(unet, scheduler_config, family, alphas_cumprod, identity, context.device)
 
     def _model(self, z: torch.Tensor, timestep: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
-        out = self.unet(z.to(torch.float32), timestep.to(torch.float32), class_labels=cond).sample
+        dtype = getattr(self.unet, "dtype", torch.float32)  # the model's own precision (float32 as loaded)
+        out = self.unet(z.to(dtype), timestep.to(dtype), class_labels=cond).sample
         return out[:, : z.shape[1]] if self.learned_variance else out
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:

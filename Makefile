@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
-	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -e ".[test]"
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -e ".[test,diffusers]"
 	$(BIN)/python -c "import torch, torchvision, distillkit, mlflow, pluggy, hypothesis"
 	touch $(STAMP)
 

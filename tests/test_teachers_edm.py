@@ -11,7 +11,8 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
+
+save_file = pytest.importorskip("safetensors.torch").save_file
 
 import distillkit
 from distillkit import DataSpec

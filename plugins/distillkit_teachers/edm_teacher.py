@@ -60,6 +60,11 @@ def refuse_pickle(spec: str, path: Path) -> None:
 def read_state_dict(spec: str, path: Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in (".pkl", ".pickle"):
         refuse_pickle(spec, path)
+    if path.suffix.lower() == ".safetensors":
+        try:
+            import safetensors.torch  # noqa: F401  (an optional extra)
+        except ImportError:
+            raise distillkit.UsageError(f"teacher {spec!r} needs the safetensors package: pip install distillkit[diffusers]") from None
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file

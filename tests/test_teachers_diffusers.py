@@ -314,3 +314,11 @@ class TestDiffusersConditionalTeacher(TeacherConformance):
     @pytest.fixture
     def teacher_spec(self, conditional_folder):
         return f"diffusers:{conditional_folder}"
+
+
+def test_loading_the_plugins_does_not_import_diffusers():
+    import subprocess
+
+    code = "import sys, distillkit; distillkit.get_registries(); print('diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -386,6 +386,12 @@ class Teacher(_Named):
 
     #: what identifies this teacher in a student's run (run id, file hash, analytic spec).
     identity: str
+    #: optional: the network behind the teacher, which ``init_from_teacher`` copies into a student
+    #: of the same shapes (foreign teachers: EDM, diffusers; checkpoint teachers use ``trained``).
+    network: Optional[nn.Module] = None
+    #: optional: ``(backbone name, backbone options)`` that build a student of ``network``'s
+    #: architecture (said to the user when the student's network does not fit).
+    student_backbone: Optional[tuple[str, dict]] = None
 
     @classmethod
     def from_spec(cls, spec: str, context: TeacherContext) -> Optional["Teacher"]:

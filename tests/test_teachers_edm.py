@@ -289,3 +289,56 @@ def test_cd_distils_an_edm_teacher_into_a_student_started_from_it(registries, tm
     run = client.search_runs([client.get_experiment_by_name("distillkit").experiment_id])[0]
     assert run.data.tags["distillkit.cd.init"] == "teacher"
     assert run.data.tags["distillkit.teacher"].startswith(f"edm:{tmp_path / 'n.safetensors'} precond=vp")
+
+
+# -- closed form: EDM-preconditioned networks of the exact toy2d denoiser are toy2d-exact ------------------------
+
+
+class MixtureDenoiserNetwork(torch.nn.Module):
+    """F such that c_skip y + c_out F(c_in y, c_noise) is the exact E[x | y = x + sigma eps] of
+    the toy2d mixture (8 components on a circle of radius 2, std 0.15), for one preconditioning."""
+
+    name = "closed-form"
+    backbone_options: dict = {}
+
+    def __init__(self, precond):
+        super().__init__()
+        self.precond = precond
+        angles = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
+        self.means = 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
+
+    def sigma_and_coefficients(self, c_noise):
+        if self.precond == "edm":
+            sigma = torch.exp(4 * c_noise)
+            total = sigma**2 + 0.25
+            return sigma, 0.25 / total, sigma * 0.5 / total.sqrt(), 1 / total.sqrt()
+        if self.precond == "vp":
+            s = c_noise / 999
+            sigma = torch.sqrt(torch.exp(0.5 * 19.9 * s**2 + 0.1 * s) - 1)
+            return sigma, torch.ones_like(sigma), -sigma, 1 / torch.sqrt(sigma**2 + 1)
+        sigma = 2 * torch.exp(c_noise)
+        return sigma, torch.ones_like(sigma), sigma, torch.ones_like(sigma)
+
+    def forward(self, scaled, c_noise, cond=None):
+        sigma, c_skip, c_out, c_in = (v[:, None] for v in self.sigma_and_coefficients(c_noise.double()))
+        y = scaled.double() / c_in
+        # y | k ~ N(mu_k, (s^2 + sigma^2) I):  E[x | y, k] = mu_k + s^2 / (s^2 + sigma^2) (y - mu_k)
+        variance = 0.15**2 + sigma**2  # [B, 1]
+        centred = y[:, None, :] - self.means[None]  # [B, K, 2]
+        weight = torch.softmax(-0.5 * centred.square().sum(-1) / variance - torch.log(variance), dim=1)
+        x_hat = (weight[:, :, None] * (self.means[None] + (0.15**2 / variance)[:, :, None] * centred)).sum(1)
+        return (x_hat - c_skip * y) / c_out
+
+
+@pytest.mark.parametrize("precond", ["edm", "vp", "ve"])
+def test_preconditioned_exact_denoiser_converts_to_toy2d_exact(registries, precond):
+    from distillkit_teachers.edm_teacher import EdmTeacher, Preconditioning
+
+    teacher = EdmTeacher(MixtureDenoiserNetwork(precond), Preconditioning(f"edm:x,precond={precond}", {"precond": precond}),
+                         "closed-form")
+    exact = registries.teachers.get("toy2d-exact")()
+    generator = torch.Generator().manual_seed(0)
+    for t in [0.025, 0.1, 0.5, 0.9, 0.98]:  # inside every trained sigma range (VE: from 0.02)
+        x = 3 * torch.randn(64, 2, generator=generator, dtype=torch.float64)
+        torch.testing.assert_close(teacher.velocity(x, t), exact.velocity(x, torch.full((64,), t, dtype=torch.float64)),
+                                   rtol=1e-5, atol=1e-5, msg=f"t = {t}")

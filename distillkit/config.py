@@ -201,7 +201,8 @@ class RunConfig:
     data_root: str = option("", cli="--data-root", help="directory holding dataset files (offline data)")
     teacher: str = option(
         "", cli="--teacher",
-        help="for methods that distil a teacher: an MLflow run id, a checkpoint file or a teacher name",
+        help="for methods that distil a teacher: an MLflow run id, a checkpoint file, a teacher name, "
+             "diffusers:PATH or edm:FILE[,precond=edm|vp|ve] (docs/teachers.md)",
     )
     train: TrainConfig = attrs.field(factory=TrainConfig)
     sample: SampleConfig = attrs.field(factory=SampleConfig)

@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(subparsers)
     plugins = subparsers.add_parser("plugins", help="list installed plugins and what each registered")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
-    from . import compare, evaluate, fid_stats, sample
+    from . import compare, evaluate, export, fid_stats, sample
 
     sample.add_parser(subparsers)
+    export.add_parser(subparsers)
     evaluate.add_parser(subparsers)
     compare.add_parser(subparsers)
     fid_stats.add_parser(subparsers)
@@ -127,10 +128,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "plugins":
             return cmd_plugins(args)
-        if args.command in ("sample", "eval", "compare", "fid-stats"):
-            from . import compare, evaluate, fid_stats, sample
+        if args.command in ("sample", "eval", "compare", "fid-stats", "export"):
+            from . import compare, evaluate, export, fid_stats, sample
 
-            commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats}
+            commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats,
+                        "export": export}
             return commands[args.command].command(args)
         return cmd_run(args)
     except ConfigError as exc:

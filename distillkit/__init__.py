@@ -48,6 +48,8 @@ from .integrators.tableau import ButcherTableau
 from .plugin_manager import get_registries
 from .integrators import edm_grid, explicit_grid, integrate, uniform_grid, validate_time_grid
 from .trained import TrainedModel, copy_teacher_weights, find_checkpoint, load_trained_model, teacher_network
+from .export import load_generator
+from .training.api import train
 
 __version__ = "0.1.0"
 
@@ -83,6 +85,8 @@ __all__ = [
     "teacher_network",
     "find_checkpoint",
     "load_trained_model",
+    "load_generator",
+    "train",
     "TimeGridError",
     "UnknownNameError",
     "UsageError",

@@ -43,6 +43,11 @@ def _add_run_parser(subparsers) -> None:
                      "under RUNS_DIR/runs, a checkpoint file, or auto (the latest unfinished run of this config)")
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow (files still go to --runs-dir)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--export", default="", metavar="FORMAT[,FORMAT]",
+                     help="when the run finishes, export its generator (torchscript, safetensors, mlflow) into "
+                          "<run folder>/export; see docs/export.md")
+    run.add_argument("--export-nfe", default="", metavar="K",
+                     help="the NFE --export builds in (default: the smallest of --nfe)")
 
 
 def _show_default(value) -> str:

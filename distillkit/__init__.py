@@ -50,6 +50,7 @@ from .integrators import edm_grid, explicit_grid, integrate, uniform_grid, valid
 from .trained import TrainedModel, copy_teacher_weights, find_checkpoint, load_trained_model, teacher_network
 from .export import load_generator
 from .training.api import train
+from .training.checkpoint import load_checkpoint
 
 __version__ = "0.1.0"
 
@@ -86,6 +87,7 @@ __all__ = [
     "find_checkpoint",
     "load_trained_model",
     "load_generator",
+    "load_checkpoint",
     "train",
     "TimeGridError",
     "UnknownNameError",

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -83,7 +84,10 @@ def export_after_run(checkpoint: Path, formats: tuple[str, ...], nfe: int, out_d
     generator = generator_of(trained, nfe, run_id=run_id)
     done = []
     for fmt in formats:
-        out = check_out(out_dir / FILE_NAMES[fmt].format(nfe=nfe), fmt)
+        target = out_dir / FILE_NAMES[fmt].format(nfe=nfe)
+        if fmt == "mlflow" and target.is_dir():
+            shutil.rmtree(target)  # this run's own earlier export (a resumed run finishing again)
+        out = check_out(target, fmt)
         done.append(write(generator, fmt, out, run_id=run_id if tracking_uri else None, tracking_uri=tracking_uri))
     return done
 

@@ -229,6 +229,7 @@ def test_mlflow_model_is_logged_to_the_run_and_served(toy_run, tmp_path):
 
     runs, run_id = toy_run
     out = _export(run_id, runs, 2, "mlflow", tmp_path / "model")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the process's tracking URI is put back as it was
     assert (out / "MLmodel").is_file() and (out / "artifacts" / "generator.safetensors").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     run = client.get_run(run_id)

@@ -115,9 +115,14 @@ def save_pyfunc(path: Path, weights: Path, generator) -> None:
 def _reopened(run_id: str, tracking_uri: str) -> Iterator[None]:
     """The finished run ``run_id`` active again for the fluent API, then put back as it was
     (status, end time, and the process's tracking URI)."""
+    import os
+
     from mlflow.tracking import MlflowClient
 
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; both are put back (None unsets them), so
+    # that a later command in this process resolves its own store again.
     previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     info = client.get_run(run_id).info
@@ -127,8 +132,11 @@ def _reopened(run_id: str, tracking_uri: str) -> Iterator[None]:
     finally:
         if info.status != "RUNNING":
             client.set_terminated(run_id, status=info.status, end_time=info.end_time)
-        if previous_uri is not None:
-            mlflow.set_tracking_uri(previous_uri)
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def log_pyfunc(weights: Path, generator, *, run_id: str, tracking_uri: str) -> str:

@@ -160,7 +160,11 @@ def load_generator(path: str | Path, *, device: str | torch.device = "cpu") -> G
 
 def write_mlflow(generator: Generator, out: Path, *, run_id: str | None = None, tracking_uri: str = "") -> Path:
     """An MLflow pyfunc model folder at ``out``; logged to ``run_id`` too when one is given."""
-    from .pyfunc import save_pyfunc
+    with warnings.catch_warnings():
+        # MLflow's advice on predict's type hints (requests are {seed, n, labels}, see pyfunc.py),
+        # given when the model class is defined under a filter MLflow sets itself: not shown.
+        warnings.showwarning = lambda *args, **kwargs: None
+        from .pyfunc import save_pyfunc
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

@@ -15,6 +15,7 @@ requests in order, ``[sum n, *shape]``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -92,8 +93,17 @@ def signature(generator):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def requirements() -> list[str]:
+    """What the model needs, pinned to this environment. Given explicitly: MLflow would otherwise
+    infer them by loading the model in a subprocess (slow, and noisy)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("distillkit", "torch", "safetensors", "mlflow", "numpy", "pandas")]
+
+
 def _kwargs(weights: Path, generator) -> dict[str, Any]:
     return {"python_model": str(CODE), "artifacts": {"generator": str(weights)}, "signature": signature(generator),
+            "pip_requirements": requirements(),
             "metadata": {"distillkit": {"nfe": generator.nfe, "sampler": generator.sampler.describe(),
                                         "shape": list(generator.spec.shape),
                                         "num_classes": generator.spec.num_classes}}}
@@ -108,7 +118,9 @@ def _quiet() -> None:
 
 def save_pyfunc(path: Path, weights: Path, generator) -> None:
     _quiet()
-    mlflow.pyfunc.save_model(path=str(path), **_kwargs(weights, generator))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no input example": the signature is explicit
+        mlflow.pyfunc.save_model(path=str(path), **_kwargs(weights, generator))
 
 
 @contextlib.contextmanager
@@ -142,6 +154,7 @@ def _reopened(run_id: str, tracking_uri: str) -> Iterator[None]:
 def log_pyfunc(weights: Path, generator, *, run_id: str, tracking_uri: str) -> str:
     """Log the model to ``run_id`` (MLflow lists it under the run's "Logged models"); its model id."""
     _quiet()
-    with _reopened(run_id, tracking_uri):
+    with _reopened(run_id, tracking_uri), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(name=f"{MODEL_NAME}-nfe{generator.nfe}", **_kwargs(weights, generator))
     return info.model_id

@@ -73,6 +73,7 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path, *, track: bool = T
     ``config``: a ``RunConfig``, a dict with the command line's keys (nested tables or dotted
     ``--set`` keys), or a TOML file path. ``track=False`` is ``--no-track``; ``export`` (formats,
     e.g. ``"torchscript,safetensors"``) and ``export_nfe`` are ``--export`` / ``--export-nfe``.
+    Under ``torchrun`` only rank 0 gets the run; the other ranks get None.
     """
     from ..export import parse_formats
     from .launch import launch, start_run
@@ -81,6 +82,8 @@ def train(config: RunConfig | Mapping[str, Any] | str | Path, *, track: bool = T
     start = start_run(config_tree(config))
     launched = launch(start, track=track, progress=progress, export=formats, export_nfe=export_nfe)
     result = launched.training
+    if result is None:  # a rank of torchrun other than 0: rank 0 returns the run
+        return None  # type: ignore[return-value]
     evaluation = result.evaluation
     return TrainedRun(id=result.run_id, output_dir=result.output_dir, checkpoint=result.checkpoint,
                       metrics=evaluation.metrics() if evaluation is not None else {},

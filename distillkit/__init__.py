@@ -49,6 +49,9 @@ from .plugin_manager import get_registries
 from .integrators import edm_grid, explicit_grid, integrate, uniform_grid, validate_time_grid
 from .teachers import load_teacher
 from .trained import TrainedModel, copy_teacher_weights, find_checkpoint, load_trained_model, teacher_network
+from .export import load_generator
+from .training.api import train
+from .training.checkpoint import load_checkpoint
 
 __version__ = "0.1.0"
 
@@ -85,6 +88,9 @@ __all__ = [
     "find_checkpoint",
     "load_trained_model",
     "load_teacher",
+    "load_generator",
+    "load_checkpoint",
+    "train",
     "TimeGridError",
     "UnknownNameError",
     "UsageError",

@@ -134,6 +134,8 @@ class TrainConfig:
     checkpoint_every: int = option(0, non_negative_int, cli="--checkpoint-every",
                                    help="steps between checkpoints (0 = only at the end)")
     keep_last: int = option(2, positive_int, help="periodic checkpoints kept on disk (the newest)")
+    checkpoint_format: str = option("torch", one_of("torch", "safetensors"),
+                                    help="checkpoint files as torch.save (weights_only) or safetensors (docs/training.md)")
     keep_every: int = option(0, non_negative_int, help="also keep (and log to MLflow) every checkpoint at a multiple of this step")
     sample_every: int = option(0, non_negative_int, help="steps between sample grids from fixed noise (0 = none)")
     sample_nfe: tuple = option((1, 4), _positive_ints, converter=int_tuple, help="NFEs of the grids drawn during training")

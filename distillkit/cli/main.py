@@ -43,6 +43,11 @@ def _add_run_parser(subparsers) -> None:
                      "under RUNS_DIR/runs, a checkpoint file, or auto (the latest unfinished run of this config)")
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow (files still go to --runs-dir)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--export", default="", metavar="FORMAT[,FORMAT]",
+                     help="when the run finishes, export its generator (torchscript, safetensors, mlflow) into "
+                          "<run folder>/export; see docs/export.md")
+    run.add_argument("--export-nfe", default="", metavar="K",
+                     help="the NFE --export builds in (default: the smallest of --nfe)")
 
 
 def _show_default(value) -> str:
@@ -60,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(subparsers)
     plugins = subparsers.add_parser("plugins", help="list installed plugins and what each registered")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
-    from . import compare, evaluate, fid_stats, sample
+    from . import compare, evaluate, export, fid_stats, sample
 
     sample.add_parser(subparsers)
+    export.add_parser(subparsers)
     evaluate.add_parser(subparsers)
     compare.add_parser(subparsers)
     fid_stats.add_parser(subparsers)
@@ -127,10 +133,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "plugins":
             return cmd_plugins(args)
-        if args.command in ("sample", "eval", "compare", "fid-stats"):
-            from . import compare, evaluate, fid_stats, sample
+        if args.command in ("sample", "eval", "compare", "fid-stats", "export"):
+            from . import compare, evaluate, export, fid_stats, sample
 
-            commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats}
+            commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats,
+                        "export": export}
             return commands[args.command].command(args)
         return cmd_run(args)
     except ConfigError as exc:

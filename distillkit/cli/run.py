@@ -11,6 +11,8 @@ import argparse
 import tomli_w
 
 from ..training.launch import config_identity  # noqa: F401  (re-exported: ``distillkit.cli.run.config_identity``)
+from ..arguments import parse_positive
+from ..export import parse_formats
 from ..training.launch import launch, resume_newest, start_run
 from ..tracking import ui_command
 
@@ -25,6 +27,8 @@ def _toml_ready(tree):
 
 
 def run_command(args: argparse.Namespace, tree: dict) -> int:
+    export = parse_formats(args.export, "--export") if args.export else ()
+    export_nfe = parse_positive(args.export_nfe, "--export-nfe") if args.export_nfe else None
     start = start_run(tree, args.resume)
     if args.dry_run:
         print(tomli_w.dumps(_toml_ready(start.resolved.to_dict())), end="")
@@ -35,7 +39,7 @@ def run_command(args: argparse.Namespace, tree: dict) -> int:
             # Restarting a command whose run already finished must not train it a second time.
             print(f"the newest run of this configuration has already finished: {start.resume_path.parent}")
             return 0
-    launched = launch(start, track=not args.no_track, progress=not args.quiet)
+    launched = launch(start, track=not args.no_track, progress=not args.quiet, export=export, export_nfe=export_nfe)
     if launched.training is not None:
         _report(start, launched)
     return 0
@@ -57,6 +61,9 @@ def _report(start, launched) -> None:
     print(result.evaluation.table())
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.sample_figure}")
+    for exported in launched.exports:
+        logged = f" (logged to the MLflow run)" if exported.logged_to else ""
+        print(f"{exported.format + ':':<11} {exported.path}{logged}")
     if result.run_id:
         print(f"MLflow run: {result.run_id}")
         if launched.tracking_uri:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..config import TrainConfig
 from ..tracking import Tracker
-from .checkpoint import FORMAT, VERSION, save_atomic
+from .checkpoint import FORMAT, VERSION, save_checkpoint
 from .distributed import Distributed
 from .program import TrainingState
 from .state import EpochBatches, capture_rng, link_latest, prune, step_file
@@ -46,7 +46,7 @@ class Checkpointer:
                        "images_seen": step * cfg.batch_size, "world_size": self.distributed.world_size,
                        **state.state_dict(), "rng": rng_states, "data": data_states}
             history = self.output_dir / "checkpoints"
-            written = save_atomic(payload, step_file(history, step))
+            written = save_checkpoint(payload, step_file(history, step), cfg.checkpoint_format)
             link_latest(written, self.latest)
             prune(history, cfg.keep_last, cfg.keep_every)
             self.tracker.log_artifact(self.latest, "checkpoints")

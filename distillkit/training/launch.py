@@ -27,7 +27,7 @@ from ..resolve import Resolved, resolve
 RESUMABLE = {
     "runs_dir", "tracking_uri", "device", "experiment", "data_root",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
-    "train.sample_every",
+    "train.sample_every", "train.checkpoint_format",
 }
 
 
@@ -145,11 +145,26 @@ class Launched:
 
     training: Any  # distillkit.training.trainer.RunResult, or None
     tracking_uri: str = ""
+    exports: tuple = ()  # distillkit.export.Exported, one per --export format
 
 
-def launch(start: RunStart, *, track: bool = True, progress: bool = True) -> Launched:
+def export_nfe_for(resolved: Resolved, nfe: Optional[int]) -> int:
+    """The NFE ``--export`` builds in (default: the smallest evaluated), checked against the run's
+    sampler before anything is trained (one-line ConfigError)."""
+    from ..evaluation.choice import choose_sampling
+    from ..plugin_manager import get_registries
+
+    chosen = nfe if nfe is not None else min(resolved.config.sample.nfe)
+    choose_sampling(resolved, get_registries()).time_grid(chosen, "--export-nfe")
+    return chosen
+
+
+def launch(start: RunStart, *, track: bool = True, progress: bool = True, export: tuple[str, ...] = (),
+           export_nfe: Optional[int] = None) -> Launched:
     """Train ``start`` (resuming its checkpoint, if any) in a new or continued MLflow run, or
-    untracked; every input is checked before the run or its folder is created."""
+    untracked; every input is checked before the run or its folder is created. ``export``:
+    formats (``distillkit.export.FORMATS``) the finished run is exported to, at ``export_nfe``,
+    into ``<run folder>/export`` (``--format mlflow`` also logged to the run)."""
     # Imported here: the trainer pulls in torchdata, tqdm and the evaluation code.
     from ..arguments import check_device_available, check_writable
     from ..tracking import MlflowTracker, NullTracker, check_reachable, resolve_tracking_uri
@@ -158,6 +173,8 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True) -> Lau
     from .trainer import train
 
     resolved, config = start.resolved, start.resolved.config
+    if export:
+        export_nfe = export_nfe_for(resolved, export_nfe)
     check_device_available(config.device)
     if track:  # an unreachable server is found before anything is written
         check_reachable(resolve_tracking_uri(config.tracking_uri, default_runs_dir(config)))
@@ -191,4 +208,10 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True) -> Lau
         tracker.finish("FINISHED")
     finally:
         dist_setup.teardown(distributed)
-    return Launched(result if distributed.is_main else None, tracking_uri)
+    exports: tuple = ()
+    if export and distributed.is_main:
+        from ..export import export_after_run
+
+        exports = tuple(export_after_run(result.checkpoint, export, export_nfe, output_dir / "export",
+                                         run_id=result.run_id, tracking_uri=tracking_uri))
+    return Launched(result if distributed.is_main else None, tracking_uri, exports)

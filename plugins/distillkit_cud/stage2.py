@@ -251,7 +251,7 @@ class CUDStage2(Method):
         source = getattr(trained.model, "backbone", trained.model)
         # P2: the teacher's checkpoint records the φ it was trained with; its rebuilt network and
         # this student must both use it.
-        payload = torch.load(trained.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        payload = distillkit.load_checkpoint(trained.checkpoint)  # either checkpoint format
         recorded = (payload.get("method") or {}).get("prior_shakedrop")
         check_prior_shakedrop(recorded, prior_shakedrop(source), f"teacher {trained.checkpoint}")
         check_prior_shakedrop(prior_shakedrop(source), prior_shakedrop(student), "cud-stage2 student")

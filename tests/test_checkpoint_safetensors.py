@@ -136,3 +136,12 @@ def test_an_unknown_checkpoint_format_is_one_line(capsys, tmp_path):
                  "--set", "train.checkpoint_format=pickle"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.checkpoint_format='pickle'" in err and "safetensors" in err, err
+
+
+def test_a_state_value_safetensors_cannot_hold_is_a_one_line_run_failure(tmp_path):
+    from distillkit.errors import TrainingFailed
+    from distillkit.training.checkpoint import save_checkpoint
+
+    with pytest.raises(TrainingFailed, match="cannot hold a set .*checkpoint_format=torch"):
+        save_checkpoint({"method": {"seen": {1, 2}}}, tmp_path / "c.pt", "safetensors")
+    assert not (tmp_path / "c.pt").exists()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import TrainingFailed, UsageError
 from ..files import save_atomic  # noqa: F401 - the one atomic save; the trainer imports it from here
 from ..files import write_atomic
 
@@ -71,7 +71,10 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__} in safetensors format")
+    # A run-time failure (exit 1, one line), not a traceback: a method's state held something the
+    # safetensors layout has no place for; the torch format holds any picklable-by-torch value.
+    raise TrainingFailed(f"a safetensors checkpoint cannot hold a {type(value).__name__} (from the method's state); "
+                         "use train.checkpoint_format=torch for this method")
 
 
 def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -108,7 +108,7 @@ def test_update_plan_two_time_scales(ratio):
     plans = [method.update_plan(step) for step in range(4 * ratio)]
     for step, plan in enumerate(plans):
         fake = Update("fake_score", ("fake_score",))
-        expected = (Update("generator", ("generator",)), fake) if step % ratio == 0 else (fake,)
+        expected = (fake, Update("generator", ("generator",))) if step % ratio == ratio - 1 else (fake,)
         assert plan == expected, f"step {step}"
     fake_updates = sum(u.loss == "fake_score" for plan in plans for u in plan)
     generator_updates = sum(u.loss == "generator" for plan in plans for u in plan)
@@ -116,14 +116,14 @@ def test_update_plan_two_time_scales(ratio):
 
 
 def test_the_trainer_follows_the_plan_and_a_fake_score_step_leaves_the_generator(tmp_path):
-    one = load_checkpoint(run(toy2d_tree("dmd2", 1), tmp_path / "one").checkpoint)
-    two = load_checkpoint(run(toy2d_tree("dmd2", 2), tmp_path / "two").checkpoint)
-    # step 1 is a fake-score update only: the generator (the sampled "student") is unchanged
-    assert all(torch.equal(one["student"][k], two["student"][k]) for k in one["student"])
-    assert any(not torch.equal(one["networks"]["fake_score"][k], two["networks"]["fake_score"][k])
-               for k in one["networks"]["fake_score"])
-    assert two["optimizers"]["generator"]["state"][0]["step"] == 1
-    assert two["optimizers"]["fake_score"]["state"][0]["step"] == 2
+    five = load_checkpoint(run(toy2d_tree("dmd2", 5), tmp_path / "five").checkpoint)
+    six = load_checkpoint(run(toy2d_tree("dmd2", 6), tmp_path / "six").checkpoint)
+    # step 5 (0-based) is a fake-score update only: the generator (the sampled "student") is unchanged
+    assert all(torch.equal(five["student"][k], six["student"][k]) for k in five["student"])
+    assert any(not torch.equal(five["networks"]["fake_score"][k], six["networks"]["fake_score"][k])
+               for k in five["networks"]["fake_score"])
+    assert six["optimizers"]["generator"]["state"][0]["step"] == 1  # after step 4's fake-score update
+    assert six["optimizers"]["fake_score"]["state"][0]["step"] == 6
 
 
 class CountingTeacher(distillkit.Teacher):
@@ -237,7 +237,7 @@ class TestDMD2WithGANAndTwoStepsOnLabelledImages(MethodConformance):
 def test_resume_is_bitwise_for_both_networks(tmp_path):
     payload = assert_resume_is_bitwise("dmd2", tmp_path, method_options={"gan_generator_weight": 3e-3,
                                                                          "gan_discriminator_weight": 1e-2})
-    assert payload["optimizers"]["generator"]["state"][0]["step"] == 3  # steps 0, 5, 10
+    assert payload["optimizers"]["generator"]["state"][0]["step"] == 2  # steps 4 and 9
     assert payload["optimizers"]["fake_score"]["state"][0]["step"] == 12
 
 

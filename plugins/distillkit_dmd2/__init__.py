@@ -12,8 +12,8 @@ x0 = x_t - t v):
   g = (x0_fake(x_t) - x0_real(x_t)) / mean_pixels |x_g - x0_real(x_t)| (no gradient);
   L_G = 1/2 mean(|x_g - sg(x_g - g)|^2) [+ lambda_G softplus(-logit(x_g noised))];
 - fake-score update: EDM-weighted flow matching on sg(x_g) [+ lambda_D classifier loss];
-- the plan: a generator update every ``fake_updates_per_generator`` steps (5), a fake-score
-  update every step.
+- the plan: a fake-score update every step, and a generator update after every
+  ``fake_updates_per_generator``-th (5) of them.
 """
 
 from distillkit import hookimpl

@@ -89,9 +89,12 @@ class DMD2(Method):
             self.init_source = init_from_teacher(self.name, teacher, [student, self._networks[FAKE_SCORE].backbone])
 
     def update_plan(self, step):
+        # Each cycle of fake_updates_per_generator steps: a fake-score update every step, the
+        # generator's update after the cycle's last one. (The paper updates the generator first,
+        # at step 0 too, where the fake score still equals the teacher: a zero gradient.)
         fake = Update("fake_score", (FAKE_SCORE,))
-        if step % self.config.fake_updates_per_generator == 0:
-            return (Update("generator", (GENERATOR,)), fake)  # the paper's order within an iteration
+        if step % self.config.fake_updates_per_generator == self.config.fake_updates_per_generator - 1:
+            return (fake, Update("generator", (GENERATOR,)))
         return (fake,)
 
     def _teacher(self):

@@ -10,6 +10,8 @@
 - A toy2d demonstration: one-step energy distance against an untrained generator.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -245,3 +247,29 @@ def test_toy2d_demonstration_beats_an_untrained_generator(tmp_path):
     # 300 steps (60 generator updates) with the exact toy2d teacher; measured: 0.31 -> 0.07.
     before, after, _ = demonstration("dmd2", 300, tmp_path)
     assert after < 0.4 * before, (before, after)
+
+
+# -- recipes ---------------------------------------------------------------------------------
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("dmd2-*.toml")) + \
+    sorted((Path(__file__).resolve().parents[1] / "recipes").glob("sid-*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipes_resolve_with_their_method_options(path, capsys):
+    import tomllib
+
+    from distillkit.cli.main import main
+
+    written = tomllib.loads(path.read_text())
+    assert main(["run", "--config", str(path), "--dry-run", "--teacher", "toy2d-exact"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed["method"] == written["method"] and printed["sample"]["sampler"] == "consistency"
+    for key, value in written["method_options"].items():
+        assert printed["method_options"][key] == pytest.approx(value), key
+    for key, value in written["train"].items():
+        assert printed["train"][key] == (pytest.approx(value) if not isinstance(value, list) else value), key
+
+
+def test_recipes_cover_the_papers_datasets():
+    assert {p.stem for p in RECIPES} == {"dmd2-cifar10", "dmd2-mnist", "dmd2-imagenet64", "sid-cifar10", "sid-mnist"}

@@ -273,3 +273,16 @@ def test_recipes_resolve_with_their_method_options(path, capsys):
 
 def test_recipes_cover_the_papers_datasets():
     assert {p.stem for p in RECIPES} == {"dmd2-cifar10", "dmd2-mnist", "dmd2-imagenet64", "sid-cifar10", "sid-mnist"}
+
+
+def test_a_gan_on_a_backbone_without_features_is_refused():
+    class Plain(torch.nn.Module):  # a backbone without the output_heads capability
+        name = "plain"
+
+        def forward(self, x, t, cond=None):
+            return x
+
+    method = make_method(None, gan_generator_weight=3e-3)
+    with pytest.raises(ConfigError, match="gan_generator_weight.*output_heads"):
+        method.build_networks(lambda conditioning=(): Plain())
+    assert set(make_method(None).build_networks(lambda conditioning=(): Plain())) == {"generator", "fake_score"}

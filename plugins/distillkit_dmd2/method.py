@@ -78,8 +78,14 @@ class DMD2(Method):
 
     # -- networks -----------------------------------------------------------------------------
     def build_networks(self, make_backbone):
-        generator = make_backbone()
-        fake_score = FakeScore(make_backbone(), self.context.data, gan_head=self.config.gan)
+        generator, backbone = make_backbone(), make_backbone()
+        if self.config.gan and distillkit.OUTPUT_HEADS not in getattr(type(backbone), "capabilities", ()):
+            # The GAN head reads the backbone's features: an optional capability, needed only with a GAN.
+            raise distillkit.ConfigError(
+                "method_options.gan_generator_weight", self.config.gan_generator_weight,
+                f"0 (and gan_discriminator_weight 0): backbone {getattr(backbone, 'name', type(backbone).__name__)} "
+                f"does not provide the {distillkit.OUTPUT_HEADS} features the GAN head reads")
+        fake_score = FakeScore(backbone, self.context.data, gan_head=self.config.gan)
         self._networks = {GENERATOR: generator, FAKE_SCORE: fake_score}
         return dict(self._networks)
 

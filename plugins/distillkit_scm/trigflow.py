@@ -8,23 +8,25 @@ TrigFlow, with the data standard deviation sigma_d and the angle s in [0, pi/2] 
 
 Ours: x_t = (1 - t) x + t eps, v = eps - x, t in [0, 1].
 
-Both are the same Gaussian path up to a scale per time. Divide x_s by (sin s + sigma_d cos s):
+Both are the same Gaussian path up to a scale per time. Divide x_s by (cos s + sigma_d sin s):
 
-    sigma_d x_s / (sin s + sigma_d cos s)
-        = [sigma_d cos s / (sin s + sigma_d cos s)] x + [sin s / (sin s + sigma_d cos s)] eps
+    x_s / (cos s + sigma_d sin s)
+        = [cos s / (cos s + sigma_d sin s)] x + [sigma_d sin s / (cos s + sigma_d sin s)] eps
 
 whose two coefficients sum to 1, i.e. it is x_t with
 
-    t(s) = sin s / (sin s + sigma_d cos s),        x_t = sigma_d x_s / (sin s + sigma_d cos s).
+    t(s) = sigma_d sin s / (cos s + sigma_d sin s),   x_t = x_s / (cos s + sigma_d sin s).
 
 Inversely, with N(t) = sqrt(sigma_d^2 (1 - t)^2 + t^2) (so cos s = sigma_d (1 - t) / N and
 sin s = t / N):
 
     s(t) = atan2(t, sigma_d (1 - t)),   x_s = sigma_d x_t / N(t),   sigma_d tan s = t / (1 - t).
 
-The last identity says that sigma_d tan s is EDM's noise level sigma = t / (1 - t), so the
-paper's log-normal proposal on sigma_d tan s is a log-normal proposal on t / (1 - t).
-For sigma_d = 1: t = sin s / (sin s + cos s) and x_t = x_s / (sin s + cos s).
+The last identity says that sigma_d tan s is EDM's noise level sigma = t / (1 - t) (divide x_s by
+cos s: x + sigma_d tan s eps), so the paper's log-normal proposal on sigma_d tan s is a log-normal
+proposal on t / (1 - t). For sigma_d = 1: t = sin s / (sin s + cos s), x_t = x_s / (sin s + cos s).
+(METHODS-ONE-STEP.md section 1 writes t = sin s / (sin s + sigma_d cos s); that is right only
+for sigma_d = 1.)
 
 Velocities. Posterior means are the same in both frames: x_hat = E[x | x_t] = x_t - t v and
 eps_hat = E[eps | x_t] = x_t + (1 - t) v. Differentiating x_s = cos s x + sin s sigma_d eps
@@ -46,8 +48,8 @@ from distillkit import broadcast_time
 
 
 def time_from_angle(s: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """t(s) = sin s / (sin s + sigma_d cos s): smooth on [0, pi/2], t(0) = 0, t(pi/2) = 1."""
-    return s.sin() / (s.sin() + sigma_data * s.cos())
+    """t(s) = sigma_d sin s / (cos s + sigma_d sin s): smooth on [0, pi/2], t(0) = 0, t(pi/2) = 1."""
+    return sigma_data * s.sin() / (s.cos() + sigma_data * s.sin())
 
 
 def angle_from_time(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -56,8 +58,8 @@ def angle_from_time(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
 
 
 def linear_from_trigflow(x_s: torch.Tensor, s: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """x_t = sigma_d x_s / (sin s + sigma_d cos s)."""
-    return sigma_data * x_s / broadcast_time(s.sin() + sigma_data * s.cos(), x_s)
+    """x_t = x_s / (cos s + sigma_d sin s)."""
+    return x_s / broadcast_time(s.cos() + sigma_data * s.sin(), x_s)
 
 
 def trigflow_from_linear(x_t: torch.Tensor, t: torch.Tensor, sigma_data: float) -> torch.Tensor:

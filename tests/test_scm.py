@@ -401,7 +401,7 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_scd_on_toy2d_beats_the_untrained_network_in_one_step(tmp_path):
     """300 sCD steps against the exact toy2d teacher: the one-step energy distance to the data
-    falls to less than half the untrained network's (measured: see docs/baselines.md)."""
+    falls below a quarter of the untrained network's (measured 0.308 -> 0.022)."""
 
     class Toy(MethodConformance):
         method_name = "scd"
@@ -442,4 +442,4 @@ def test_scd_on_toy2d_beats_the_untrained_network_in_one_step(tmp_path):
                 break
     after = one_step_distance()
     print(f"one-step energy distance: untrained {before:.4f}, after 300 sCD steps {after:.4f}")
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.25 * before, (before, after)

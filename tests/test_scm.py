@@ -13,12 +13,15 @@ to t = 0 (the exact consistency function) is f*(x_t, t) = mu + s (x_t - (1 - t) 
 from __future__ import annotations
 
 import math
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
 import distillkit
 from distillkit import Batch, DataSpec, MethodContext, NoOptions, SamplerContext, Teacher
+from distillkit.cli.main import main
 from distillkit.config import build_attrs
 from distillkit.testing.methods import MethodConformance
 
@@ -443,3 +446,31 @@ def test_scd_on_toy2d_beats_the_untrained_network_in_one_step(tmp_path):
     after = one_step_distance()
     print(f"one-step energy distance: untrained {before:.4f}, after 300 sCD steps {after:.4f}")
     assert after < 0.25 * before, (before, after)
+
+
+# -- recipes --------------------------------------------------------------------------------------
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("sc[td]-*.toml"))
+
+
+def test_there_are_sct_and_scd_recipes_for_mnist_and_cifar10():
+    assert {f.stem for f in RECIPES} >= {"sct-cifar10", "scd-cifar10", "sct-mnist", "scd-mnist"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[f.stem for f in RECIPES])
+def test_recipe_resolves_with_the_values_it_sets(capsys, path):
+    tree = tomllib.loads(path.read_text())
+    argv = ["run", "--config", str(path), "--dry-run"]
+    if tree["method"] == "scd":
+        argv += ["--teacher", "toy2d-exact"]  # not loaded by --dry-run; only required to be set
+    assert main(argv) == 0
+    out = tomllib.loads(capsys.readouterr().out)
+    for section in ("train", "sample", "method_options", "backbone_options"):
+        for key, value in tree.get(section, {}).items():
+            assert out[section][key] == (pytest.approx(value) if not isinstance(value, str) else value), f"{section}.{key}"
+    # the paper's method settings [P][B]
+    options = tree["method_options"]
+    assert (options["sigma_data"], options["p_mean"], options["p_std"]) == (0.5, -1.0, 1.4)
+    assert (options["tangent_warmup_steps"], options["tangent_norm_c"]) == (10000, 0.1)
+    assert tree["train"]["optimizer"] == "radam" and tree["train"]["betas"] == [0.9, 0.99]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -121,18 +122,45 @@ def _with_flag(exc: ConfigError) -> str:
     return str(exc)
 
 
+def _warn_about_broken_plugins() -> None:
+    """Every command shows the plugins that failed to load (``distillkit plugins`` in full): a
+    name a user expects may be missing, or taken by a built-in, because of one."""
+    from ..plugin_manager import plugin_state
+
+    for name, errors in sorted(plugin_state().errors.items()):
+        for error in errors:
+            print(f"distillkit: warning: plugin {name!r}: {error}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "plugins":
+        return cmd_plugins(args)
+    _warn_about_broken_plugins()
+    if args.command in ("sample", "eval", "compare", "fid-stats"):
+        from . import compare, evaluate, fid_stats, sample
+
+        commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats}
+        return commands[args.command].command(args)
+    return cmd_run(args)
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``distillkit plugins | head -3``): stop quietly, as a
+    command killed by SIGPIPE does, instead of a BrokenPipeError traceback at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the final flush at exit must not fail again
+    return 141  # 128 + SIGPIPE, what a shell reports for a command the pipe killed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if args.command == "plugins":
-            return cmd_plugins(args)
-        if args.command in ("sample", "eval", "compare", "fid-stats"):
-            from . import compare, evaluate, fid_stats, sample
-
-            commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats}
-            return commands[args.command].command(args)
-        return cmd_run(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe is found here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except ConfigError as exc:
         print(f"distillkit: error: {_with_flag(exc)}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .contracts import Teacher, TeacherContext
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .plugin_manager import Registries
 
 
@@ -19,4 +19,5 @@ def load_teacher(spec: str, registries: Registries, context: TeacherContext) -> 
         if teacher is not None:
             return teacher
     names = ", ".join(registries.teachers.names()) or "none installed"
-    raise ConfigError("teacher", spec, f"an MLflow run id, a checkpoint file, or a teacher name ({names})")
+    raise ConfigError("teacher", spec, f"an MLflow run id, a checkpoint file, or a teacher name ({names})"
+                      f"{did_you_mean(spec, registries.teachers.names())}")

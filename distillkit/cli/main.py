@@ -9,20 +9,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
 import attrs
 
-from ..errors import ConfigError, DistillkitError, UsageError
+from ..errors import ConfigError, DistillkitError, UsageError, did_you_mean
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is the one line the rest of the CLI prints too."""
+    """argparse, but a usage error is the one line the rest of the CLI prints too, with a "did
+    you mean" for a misspelled command or flag (argparse has it only from Python 3.14)."""
 
     def error(self, message: str):  # type: ignore[override]
         command = self.prog.partition(" ")[2]
+        choice = re.match(r"argument \w+: invalid choice: '([^']*)'", message)
+        if choice and self._subcommands():
+            message += did_you_mean(choice.group(1), self._subcommands())
         raise UsageError(f"{command}: {message}" if command else message)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Flags share their leading "--": a higher cutoff than for names keeps the hints relevant.
+            command = self._subcommands().get(getattr(parsed, "command", None), self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            hints = "".join(did_you_mean(extra.partition("=")[0], flags, n=1, cutoff=0.75) for extra in extras if extra.startswith("-"))
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+        return parsed
+
+    def _subcommands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
 
 
 def _add_run_parser(subparsers) -> None:

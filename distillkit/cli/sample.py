@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..arguments import add_model_options, parse_nfe, parse_non_negative, parse_options, parse_positive
+from ..arguments import add_model_options, parse_nfe, parse_options, parse_positive, parse_seed
 from ..errors import ConfigError, UsageError
 from ..evaluation.figures import PNG_MAX_IMAGES
 
@@ -73,7 +73,7 @@ def command(args: argparse.Namespace) -> int:
                       device=args.device)
     trained = opened.trained
     config = trained.resolved.config
-    seed = parse_non_negative(args.seed, "--seed") if args.seed != "" else config.sample.seed
+    seed = parse_seed(args.seed, "--seed") if args.seed != "" else config.sample.seed
     choice = choose_sampling(trained.resolved, get_registries(), sampler=args.sampler,
                              sampler_options=options.get("sample.sampler_options"), integrator=args.integrator,
                              grid=args.grid, grid_options=options.get("sample.grid_options"), nfes=nfes)

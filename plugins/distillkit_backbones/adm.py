@@ -305,6 +305,7 @@ class ADMOutputBlock(nn.Module):
 
 class ADM(Backbone):
     name = "adm"
+    data_kinds = frozenset({"images"})
     config_class = ADMConfig
     accepts_conditioning = True
     capabilities = frozenset({OUTPUT_HEADS})

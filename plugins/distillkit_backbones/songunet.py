@@ -257,6 +257,7 @@ class SongOutputBlock(nn.Module):
 
 class SongUNet(Backbone):
     name = "songunet"
+    data_kinds = frozenset({"images"})
     config_class = SongUNetConfig
     accepts_conditioning = True
     capabilities = frozenset({OUTPUT_HEADS})

@@ -25,7 +25,14 @@ def _toml_ready(tree):
 
 
 def run_command(args: argparse.Namespace, tree: dict) -> int:
-    start = start_run(tree, args.resume)
+    resume = args.resume
+    if resume and resume != "auto":  # a run id may be given as an unambiguous prefix
+        from ..config import RunConfig
+        from ..run_ids import expand_run_id
+
+        runs_dir = tree.get("runs_dir", RunConfig().runs_dir)
+        resume = expand_run_id(resume, runs_dir=runs_dir, tracking_uri=tree.get("tracking_uri", ""), option="--resume")
+    start = start_run(tree, resume)
     if args.dry_run:
         print(tomli_w.dumps(_toml_ready(start.resolved.to_dict())), end="")
         return 0

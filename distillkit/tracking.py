@@ -173,12 +173,34 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
                          f"{STORE_LOCK_TIMEOUT_S:.0f} s (lock file {path}.lock)") from None
 
 
+#: MLflow 3.x (3.17 at least) opens the view its "GenAI | Model training" switch is on, from
+#: this URL parameter or else the browser's last choice, GenAI by default; the experiment tag is
+#: read only by versions without the switch. A link with the parameter opens the training view.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+_UI_ADDRESS = "http://127.0.0.1:5000"
+
+
 def ui_command(tracking_uri: str) -> str:
     """The command that shows runs of this store in the MLflow UI."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
     # Quoted: a runs directory with a space (or a shell character) in its path must paste as is.
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000"
+
+
+def ui_url(tracking_uri: str, run_id: Optional[str]) -> Optional[str]:
+    """The address of the run's experiment in MLflow's "Model training" view (on the server
+    ``ui_command`` starts, or the tracking server itself); None when the run cannot be read."""
+    if not run_id:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # only a convenience line: never fail a finished run over it
+        return None
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else _UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
 
 
 class MlflowTracker:

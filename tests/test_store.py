@@ -107,3 +107,16 @@ def test_the_printed_mlflow_ui_command_survives_spaces_in_the_path(tmp_path):
     uri = f"sqlite:///{tmp_path / 'my runs' / 'mlflow.db'}"
     words = shlex.split(ui_command(uri))
     assert words[:3] == ["mlflow", "ui", "--backend-store-uri"] and words[3] == uri
+
+
+def test_the_printed_address_opens_the_model_training_view(tmp_path, capsys):
+    """MLflow 3.17 chooses its view from ``?workflowType=`` (else the browser's last choice, GenAI
+    by default): the run's report prints a link to the experiment with the training view."""
+    from mlflow.tracking import MlflowClient
+
+    assert main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "1", "--batch-size", "8",
+                 "--runs-dir", str(tmp_path), *SMALL]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split("MLflow run: ")[1].split()[0]
+    experiment_id = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).info.experiment_id
+    assert f"then open http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning" in out

@@ -12,7 +12,7 @@ import tomli_w
 
 from ..training.launch import config_identity  # noqa: F401  (re-exported: ``distillkit.cli.run.config_identity``)
 from ..training.launch import launch, resume_newest, start_run
-from ..tracking import ui_command
+from ..tracking import ui_command, ui_url
 
 
 def _toml_ready(tree):
@@ -68,3 +68,6 @@ def _report(start, launched) -> None:
         print(f"MLflow run: {result.run_id}")
         if launched.tracking_uri:
             print(f"view it:    {ui_command(launched.tracking_uri)}")
+            url = ui_url(launched.tracking_uri, result.run_id)
+            if url:
+                print(f"            then open {url}")

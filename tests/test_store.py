@@ -120,3 +120,18 @@ def test_the_printed_address_opens_the_model_training_view(tmp_path, capsys):
     run_id = out.split("MLflow run: ")[1].split()[0]
     experiment_id = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).info.experiment_id
     assert f"then open http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning" in out
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--run", "abcd1234"],
+    ["sample", "--run", "abcd1234", "--out", "grid.png"],
+    ["compare", "--methods", "fm", "--dataset", "toy2d", "--budget-images", "64"],
+])
+def test_every_command_checks_the_store_first(tmp_path, capsys, command):
+    bogus = tmp_path / "notes.db"
+    bogus.write_text("not a database\n" * 50)
+    for uri, message in ((f"sqlite:///{bogus}", "is not an SQLite database"), ("http://[::1", "is not a valid URL")):
+        code = main([*command, "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()

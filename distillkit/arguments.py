@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 import torch
 
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, UsageError, did_you_mean
 
 #: Samples per network batch when a command samples a trained run (results do not depend on it).
 DEFAULT_BATCH = 500
@@ -39,8 +39,9 @@ def parse_metrics(text: str, option: str = "--metric", registries=None) -> tuple
     names = tuple(dict.fromkeys(p.strip() for p in str(text).split(",") if p.strip()))
     unknown = [name for name in names if name not in registries.metrics]
     if not names or unknown:
+        hint = did_you_mean(unknown[0], known) if unknown else ""
         raise ConfigError(option, unknown[0] if unknown else text,
-                          "one or more of " + (", ".join(known) or "none installed"))
+                          "one or more of " + (", ".join(known) or "none installed") + hint)
     return names
 
 
@@ -61,6 +62,16 @@ def parse_non_negative(text: str, option: str) -> int:
         value = -1
     if value < 0:
         raise ConfigError(option, text, "an integer >= 0")
+    return value
+
+
+def parse_seed(text: str, option: str = "--seed") -> int:
+    """A seed: an integer from 0 to 2**63 - 1 (torch seeds are 64-bit; seeds + i must fit)."""
+    from .validators import MAX_SEED
+
+    value = parse_non_negative(text, option)
+    if value > MAX_SEED:
+        raise ConfigError(option, text, f"an integer from 0 to {MAX_SEED} (2**63 - 1)")
     return value
 
 

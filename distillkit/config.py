@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import attrs
 
-from .errors import ConfigError
-from .validators import float_tuple, int_tuple, non_negative_int, non_negative_number, one_of, positive_int, positive_number
+from .errors import ConfigError, did_you_mean
+from .validators import float_tuple, int_tuple, non_negative_int, non_negative_number, one_of, seed_int, positive_int, positive_number
 
 # --------------------------------------------------------------------------------------------
 # validators that produce one-line ConfigErrors
@@ -180,7 +180,7 @@ class SampleConfig:
     reference_steps: int = option(
         32, positive_int, help="steps of the high-accuracy solve that few-step samples are compared with"
     )
-    seed: int = option(1234, non_negative_int, help="first per-sample noise seed (sample i uses seed + i)")
+    seed: int = option(1234, seed_int, help="first per-sample noise seed (sample i uses seed + i)")
 
 
 @attrs.frozen
@@ -192,7 +192,7 @@ class RunConfig:
     )
     dataset: str = option("digits", _non_empty_str, cli="--dataset", help="dataset")
     backbone: str = option("auto", _non_empty_str, cli="--backbone", help="network (auto: the dataset's default)")
-    seed: int = option(0, non_negative_int, cli="--seed", help="seed of every random number the run draws")
+    seed: int = option(0, seed_int, cli="--seed", help="seed of every random number the run draws")
     device: str = option("cpu", _device, cli="--device", help="cpu, cuda, cuda:N, mps or auto")
     runs_dir: str = option("distillkit-runs", _non_empty_str, cli="--runs-dir", help="where runs, MLflow database and artifacts go")
     tracking_uri: str = option(
@@ -295,7 +295,7 @@ def build_attrs(cls: type, values: dict, prefix: str) -> Any:
         name = f"{prefix}{key}"
         if key not in fields:
             allowed = ", ".join(f"{prefix}{k}" for k in fields) or "no options"
-            raise ConfigError(name, value, f"unknown option; allowed: {allowed}")
+            raise ConfigError(name, value, f"unknown option{did_you_mean(key, fields, prefix=prefix)}; allowed: {allowed}")
         kwargs[key] = coerce(name, value, types[key])
     try:
         return cls(**kwargs)
@@ -327,7 +327,7 @@ def run_config_from_dict(values: dict) -> RunConfig:
     for key, value in values.items():
         if key not in top_fields:
             allowed = ", ".join(top_fields)
-            raise ConfigError(key, value, f"unknown option; allowed top-level keys: {allowed}")
+            raise ConfigError(key, value, f"unknown option{did_you_mean(key, top_fields)}; allowed top-level keys: {allowed}")
         if key in SECTIONS:
             kwargs[key] = build_attrs(SECTIONS[key], value, f"{key}.")
         elif key in OPTION_SECTIONS:
@@ -350,6 +350,8 @@ def load_toml(path: str) -> dict:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError("--config", path, "an existing TOML file") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition
+        raise ConfigError("--config", path, f"a TOML file in UTF-8 (byte {exc.start} is not UTF-8)") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError("--config", path, f"a readable TOML file ({exc})") from None
 

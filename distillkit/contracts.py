@@ -104,6 +104,9 @@ class Backbone(nn.Module, _Named):
     accepts_conditioning: ClassVar[bool] = False
     #: optional capabilities this backbone implements (``OUTPUT_HEADS``).
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: the kinds of data it takes (``images``, ``vectors``), checked against the dataset's ``data_kind``
+    #: when a run is resolved, before any work; None: not declared (only ``build`` checks).
+    data_kinds: ClassVar[Optional[frozenset[str]]] = None
 
     @classmethod
     def build(cls, config: Any, data: DataSpec, conditioning: tuple[str, ...] = ()) -> "Backbone":
@@ -143,6 +146,9 @@ class Dataset(_Named):
 
     #: registered name of the backbone used when the user leaves ``--backbone auto``.
     default_backbone: ClassVar[str]
+    #: ``images`` ([C, H, W]) or ``vectors`` ([D]), so that a backbone that cannot take it is
+    #: refused when the run is resolved (``Backbone.data_kinds``); None: not declared.
+    data_kind: ClassVar[Optional[str]] = None
 
     def __init__(self, config: Any, data_root: Optional[str] = None):
         self.config = config

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
+
+def did_you_mean(word: object, choices: Iterable[object], n: int = 2, cutoff: float = 0.6, prefix: str = "") -> str:
+    """`` (did you mean 'cud'?)`` for the ``n`` closest of ``choices`` to a misspelled ``word``,
+    or "" when none is close (difflib's similarity ratio below ``cutoff``). ``prefix`` is shown
+    before each match but not compared (``train.`` of ``train.lr``: a shared prefix would make
+    every key look close)."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=cutoff)
+    return f" (did you mean {' or '.join(repr(prefix + c) for c in close)}?)" if close else ""
+
 
 class DistillkitError(Exception):
     """Base class for every error distillkit raises on purpose."""
@@ -33,7 +45,7 @@ class UnknownNameError(UsageError):
         self.name = name
         self.available = available
         choices = ", ".join(f"{n} ({p})" for n, p in sorted(available.items())) or "none installed"
-        super().__init__(f"unknown {kind} {name!r}; available: {choices}")
+        super().__init__(f"unknown {kind} {name!r}{did_you_mean(name, available)}; available: {choices}")
 
 
 class RegistrationError(DistillkitError):

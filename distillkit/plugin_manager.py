@@ -3,8 +3,11 @@
 Plugins are found through the entry-point group ``distillkit`` only: the built-in plugins of this
 repository are declared in its ``pyproject.toml`` exactly as a third-party package declares its
 own, so the core never imports them. Each entry point is loaded on its own; one that fails to
-import, fails pluggy's validation, implements an unknown hook, raises inside a hook, or registers
-something a registry refuses is recorded as a load error and the others carry on.
+import, fails pluggy's validation, implements an unknown hook, raises inside a hook (any exception,
+``SystemExit`` included: only ``KeyboardInterrupt`` goes through), or registers something a
+registry refuses is recorded as a load error and the others carry on. Built-in plugins register
+first, so a third-party plugin cannot take a built-in's name (``euler``, ``fm``, ...): its
+registration is refused and reported.
 
 Environment variables (for reproducible runs):
 
@@ -151,6 +154,17 @@ def _names_from_env(variable: str) -> Optional[set[str]]:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+def _is_builtin(ep: Optional[importlib.metadata.EntryPoint]) -> bool:
+    """A plugin shipped with distillkit itself (its own distribution's entry points)."""
+    return ep is not None and ep.dist is not None and ep.dist.name == "distillkit"
+
+
+def _fatal(exc: BaseException) -> bool:
+    """What a broken plugin may still stop: only the user's Ctrl-C. ``SystemExit`` (a plugin calling
+    ``sys.exit`` at import) and every other ``BaseException`` are that plugin's error, not the tool's."""
+    return isinstance(exc, KeyboardInterrupt)
+
+
 def _one_line(exc: BaseException) -> str:
     where = traceback.extract_tb(exc.__traceback__)
     place = f" ({where[-1].filename}:{where[-1].lineno})" if where else ""
@@ -172,10 +186,13 @@ def load_plugins(
     allowed = _names_from_env("DISTILLKIT_LOAD_PLUGINS")
     blocked = _names_from_env("DISTILLKIT_DISABLE_PLUGINS") or set()
     infos: dict[str, PluginInfo] = {}
+    builtin: dict[str, bool] = {}
 
     candidates: list[tuple[str, Any, Optional[importlib.metadata.EntryPoint]]] = []
     if entry_points:
-        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        # Built-ins first: a third-party plugin reusing a built-in plugin's name is the one ignored.
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+                         key=lambda e: (not _is_builtin(e), e.name)):
             candidates.append((ep.name, None, ep))
     candidates.extend((name, obj, None) for name, obj in extra_plugins)
 
@@ -193,10 +210,13 @@ def load_plugins(
             )
             continue
         infos[name] = info
+        builtin[name] = _is_builtin(ep)
         try:
             plugin = ep.load() if ep is not None else obj
             pm.register(plugin, name=name)
-        except Exception as exc:  # a broken plugin is reported, never fatal
+        except BaseException as exc:  # a broken plugin is reported, never fatal
+            if _fatal(exc):
+                raise
             info.errors.append(f"could not load: {_one_line(exc)}")
             continue
         try:
@@ -211,9 +231,12 @@ def load_plugins(
     for hook_name, kind in HOOK_TO_KIND.items():
         registry = registries.of_kind(kind)
         # Each implementation is called on its own so that what it registers is attributed to it
-        # and its failure touches nobody else. Sorted by plugin name: pluggy's LIFO order would make
-        # the winner of a duplicate name depend on installation order.
-        impls = sorted(getattr(pm.hook, hook_name).get_hookimpls(), key=lambda i: i.plugin_name)
+        # and its failure touches nobody else. Built-ins first, so that they keep their names (a
+        # third-party plugin registering ``euler`` gets a load error, shown by every command);
+        # then by plugin name: pluggy's LIFO order would make the winner of a duplicate name
+        # depend on installation order.
+        impls = sorted(getattr(pm.hook, hook_name).get_hookimpls(),
+                       key=lambda i: (not builtin.get(i.plugin_name, False), i.plugin_name))
         for impl in impls:
             info = infos[impl.plugin_name]
 
@@ -228,7 +251,9 @@ def load_plugins(
 
             try:
                 impl.function(register=register)
-            except Exception as exc:
+            except BaseException as exc:
+                if _fatal(exc):
+                    raise
                 info.errors.append(f"hook {hook_name} raised {_one_line(exc)}")
 
     return PluginState(manager=pm, registries=registries, plugins=infos)

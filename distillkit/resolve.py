@@ -10,7 +10,7 @@ import attrs
 
 from .config import RunConfig, build_attrs, to_dict
 from .contracts import Sampler, SamplerContext, TimeGrid
-from .errors import ConfigError, TimeGridError, UnknownNameError
+from .errors import ConfigError, TimeGridError, UnknownNameError, did_you_mean
 from .integrators.tableau import ButcherTableau
 from .plugin_manager import Registries
 
@@ -54,7 +54,8 @@ def lookup(registry, option: str, name: str):
         return registry.get(name)
     except UnknownNameError as exc:
         allowed = ", ".join(registry.names()) or "none installed"
-        raise ConfigError(option, name, f"unknown {exc.kind}; available: {allowed}") from None
+        hint = did_you_mean(name, registry.names())
+        raise ConfigError(option, name, f"unknown {exc.kind}{hint}; available: {allowed}") from None
 
 
 def accepted_samplers(method_cls: type, registries: Registries) -> list[str]:
@@ -102,6 +103,18 @@ def time_grid_for(sampler: Sampler, grid: TimeGrid, nfe: int, option: str = "sam
         raise ConfigError(option, nfe, f"{grid.name} grid: {exc}") from None
 
 
+def check_data_kind(dataset_cls: type, backbone_cls: type, backbone_name: str, registries: Registries) -> None:
+    """An image backbone on vectors (or the reverse) is refused before any work, when both
+    declare their kinds; the message names the backbones that fit."""
+    kind, kinds = dataset_cls.data_kind, backbone_cls.data_kinds
+    if kind is None or kinds is None or kind in kinds:
+        return
+    fitting = [e.name for e in registries.backbones if e.obj.data_kinds is None or kind in e.obj.data_kinds]
+    raise ConfigError("backbone", backbone_name, f"a backbone that takes {kind}, the data of dataset "
+                      f"{dataset_cls.name} ({backbone_name} takes {', '.join(sorted(kinds))}): "
+                      f"{', '.join(fitting) or 'none installed'}, or auto")
+
+
 def check_backbone(method_cls: type, backbone_cls: type, backbone_name: str) -> None:
     """A method's needs from its backbone (extra conditioning, optional capabilities), checked
     before any work starts."""
@@ -114,12 +127,26 @@ def check_backbone(method_cls: type, backbone_cls: type, backbone_name: str) -> 
                           f"{method_cls.name} uses")
 
 
+def check_integrator_used(method_cls: type, config: RunConfig) -> None:
+    """``--integrator`` is the ODE step a method takes in its loss (CUD's catch-up alignment); a
+    method without one would silently ignore it, while the user most likely meant how samples
+    are drawn: that is the ode sampler's tableau, ``--sample-integrator``."""
+    default = attrs.fields(RunConfig).integrator.default
+    if config.integrator != default and not method_cls.uses_integrator:
+        raise ConfigError(
+            "integrator", config.integrator,
+            f"method {method_cls.name} takes no integrator in its loss; to sample with "
+            f"{config.integrator}, use --sample-integrator {config.integrator} (the tableau of the ode "
+            f"sampler, --sampler ode)")
+
+
 def resolve(config: RunConfig, registries: Registries) -> Resolved:
     method_cls = lookup(registries.methods, "method", config.method)
     dataset_cls = lookup(registries.datasets, "dataset", config.dataset)
     backbone_name = dataset_cls.default_backbone if config.backbone == "auto" else config.backbone
     backbone_cls = lookup(registries.backbones, "backbone", backbone_name)
     integrator = lookup(registries.integrators, "integrator", config.integrator)
+    check_integrator_used(method_cls, config)
     sample_integrator = lookup(registries.integrators, "sample.integrator", config.sample.integrator)
     if method_cls.requires_teacher and not config.teacher:
         names = ", ".join(registries.teachers.names()) or "none installed"
@@ -130,6 +157,7 @@ def resolve(config: RunConfig, registries: Registries) -> Resolved:
     if config.teacher and not method_cls.requires_teacher:
         raise ConfigError("teacher", config.teacher, f"empty: method {config.method} does not use a teacher")
     lookup(registries.integrators, "sample.reference_integrator", config.sample.reference_integrator)
+    check_data_kind(dataset_cls, backbone_cls, backbone_name, registries)
     check_backbone(method_cls, backbone_cls, backbone_name)
     sampler = build_sampler(registries, config.sample.sampler or method_cls.default_sampler,
                             config.sample.sampler_options, sample_integrator, method_cls=method_cls)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .contracts import DataSpec, Teacher, TeacherContext
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .plugin_manager import Registries, get_registries
 
 
@@ -47,4 +47,5 @@ def load_teacher(
     names = ", ".join(registries.teachers.names()) or "none installed"
     raise ConfigError(
         "teacher", spec, f"an MLflow run id, a checkpoint file, diffusers:PATH, edm:FILE or a teacher name ({names})"
+        f"{did_you_mean(spec, registries.teachers.names())}"
     )

@@ -89,8 +89,8 @@ def load_trained_model(path: str | Path, *, weights: str = "ema", device: str | 
 
 
 def find_checkpoint(reference: str, *, runs_dir: str | Path, tracking_uri: str = "") -> Optional[tuple[Path, str]]:
-    """(checkpoint path, identity) for a checkpoint file or an MLflow run id; None when
-    ``reference`` is neither an existing file nor shaped like a run id.
+    """(checkpoint path, identity) for a checkpoint file or an MLflow run id (or an unambiguous
+    prefix of one); None when ``reference`` is neither an existing file nor shaped like a run id.
 
     A run's checkpoint is read from ``<runs_dir>/runs/<run_id>/checkpoint.pt`` when it is there,
     else downloaded from the run's artifacts.
@@ -98,6 +98,9 @@ def find_checkpoint(reference: str, *, runs_dir: str | Path, tracking_uri: str =
     candidate = Path(reference).expanduser()
     if candidate.is_file():
         return candidate.resolve(), f"file:{candidate.resolve()}"
+    from .run_ids import expand_run_id
+
+    reference = expand_run_id(reference, runs_dir=runs_dir, tracking_uri=tracking_uri, option="--teacher")
     if not _RUN_ID.match(reference):
         return None
     local = Path(runs_dir).expanduser().resolve() / "runs" / reference / "checkpoint.pt"

@@ -39,6 +39,15 @@ def non_negative_int(instance, attribute, value) -> None:
     require(is_int(value) and value >= 0, attribute, value, "an integer >= 0")
 
 
+#: The largest seed accepted: torch generators take 64-bit seeds, and a run derives further seeds
+#: from it (seed + sample index), which must stay below 2**64.
+MAX_SEED = 2**63 - 1
+
+
+def seed_int(instance, attribute, value) -> None:
+    require(is_int(value) and 0 <= value <= MAX_SEED, attribute, value, f"an integer from 0 to {MAX_SEED} (2**63 - 1)")
+
+
 def positive_number(instance, attribute, value) -> None:
     require(is_number(value) and value > 0, attribute, value, "a positive number")
 

@@ -50,9 +50,9 @@ def test_dry_run_output_is_a_valid_config_file(capsys, tmp_path):
 
 BAD_INPUTS = [
     (["--method", "nope"], "--method='nope' is not allowed: unknown method; available: "),
-    (["--integrator", "rk9"], "--integrator='rk9' is not allowed: unknown integrator; available:"),
-    (["--dataset", "imagenet"], "--dataset='imagenet' is not allowed: unknown dataset; available: "),
-    (["--backbone", "resnet"], "--backbone='resnet' is not allowed: unknown backbone; available: "),
+    (["--integrator", "rk9"], "--integrator='rk9' is not allowed: unknown integrator (did you mean 'rk4' or 'rk3'?); available:"),
+    (["--dataset", "imagenet"], "--dataset='imagenet' is not allowed: unknown dataset (did you mean 'imagenet64'?); available: "),
+    (["--backbone", "resnet"], "--backbone='resnet' is not allowed: unknown backbone (did you mean 'unet'?); available: "),
     (["--max-steps", "0"], "--max-steps=0 (config key train.max_steps) is not allowed: a positive integer"),
     (["--max-steps", "-3"], "--max-steps=-3 (config key train.max_steps) is not allowed: a positive integer"),
     (["--max-steps", "ten"], "--max-steps='ten' (config key train.max_steps) is not allowed: an integer"),

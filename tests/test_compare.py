@@ -71,6 +71,19 @@ def test_compare_trains_children_under_one_parent_and_reuses_them(tmp_path, caps
     with open(client.download_artifacts(parent_id, "comparison/quality_vs_nfe.png"), "rb") as image:
         assert image.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "## Cost" in parent.data.tags["mlflow.note.content"]
+    # The parent carries each child's final quality, named by variant, to sort and chart in the UI.
+    for method, child in by_method.items():
+        for nfe in (1, 2):
+            assert parent.data.metrics[f"{method}/energy/nfe{nfe}"] == pytest.approx(
+                child.data.metrics[f"eval/energy/nfe{nfe}"])
+        assert parent.data.metrics[f"{method}/cost/train_seconds"] == pytest.approx(
+            child.data.metrics["cost/train_seconds"])
+    # The 8-character ids the table prints are accepted where a run id is.
+    short = by_method["fm"].info.run_id[:8]
+    assert f"`{short}`" in out
+    assert main(["eval", "--run", short, "--runs-dir", str(runs), "--nfe", "1", "--n", "16", "--metric", "energy",
+                 "--no-log"]) == 0
+    assert "energy" in capsys.readouterr().out
 
     # Second call with one more NFE: same parent, no new child, only the new NFE measured.
     assert main([*argv[:-2], "--set", "cud:method_options.tn=8", "--nfe", "1,2,4"]) == 0

@@ -128,3 +128,106 @@ def test_plugins_command_json_lists_everything(capsys):
         for kind, names in expected.items():
             assert names <= set(listing[name]["registered"][kind])
         assert listing[name]["distribution"] == "distillkit"
+
+
+# --- plugins that cannot take the tool down -------------------------------------------------------
+
+def _install_entry_point(root, name, module_source):
+    """A throw-away distribution ``<name>-plugin`` whose entry point ``name`` is a module with
+    ``module_source``, importable once ``root`` is on the path."""
+    dist = root / f"{name}_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[distillkit]\n{name} = {name}_plugin_module\n")
+    (root / f"{name}_plugin_module.py").write_text(module_source)
+
+
+class Abort(BaseException):
+    """Neither an Exception nor SystemExit / KeyboardInterrupt."""
+
+
+def test_systemexit_or_baseexception_at_import_or_in_a_hook_is_one_plugin_error(tmp_path, monkeypatch):
+    _install_entry_point(tmp_path, "exits", "import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def exit_in_hook(register):
+        raise SystemExit(4)
+
+    def abort_in_hook(register):
+        raise Abort("stop everything")
+
+    state = load_plugins([("exit-hook", plugin(distillkit_register_methods=exit_in_hook)),
+                          ("abort-hook", plugin(distillkit_register_integrators=abort_in_hook))])
+    assert state.plugins["exits"].errors == [state.plugins["exits"].errors[0]]
+    assert "could not load: SystemExit: 3" in state.plugins["exits"].errors[0]
+    assert "raised SystemExit: 4" in state.plugins["exit-hook"].errors[0]
+    assert "raised Abort: stop everything" in state.plugins["abort-hook"].errors[0]
+    assert "fm" in state.registries.methods and "rk3" in state.registries.integrators
+
+
+def test_keyboard_interrupt_in_a_plugin_still_stops_the_tool():
+    def interrupted(register):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        load_plugins([("ctrl-c", plugin(distillkit_register_methods=interrupted))])
+
+
+def test_a_plugin_calling_sys_exit_leaves_plugins_and_run_working_with_the_error_shown(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _install_entry_point(site, "exits", "import sys\nsys.exit(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+    binary = str(Path(sys.executable).parent / "distillkit")
+    listing = subprocess.run([binary, "plugins"], env=env, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "exits  (exits-plugin 0.1)" in listing.stdout and "ERROR: could not load: SystemExit: 3" in listing.stdout
+    run = subprocess.run([binary, "run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "2", "--batch-size", "8",
+                          "--no-track", "--quiet", "--runs-dir", str(tmp_path / "runs"), "--nfe", "1",
+                          "--set", "sample.num_samples=8", "--set", "sample.reference_steps=1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "distillkit: warning: plugin 'exits': could not load: SystemExit: 3" in run.stderr
+    assert "Traceback" not in run.stderr and "quality per NFE" in run.stdout
+
+
+def test_a_third_party_plugin_cannot_take_a_builtin_name_whatever_its_name_sorts_as():
+    """'aaa' sorts before 'integrators': ordered by plugin name alone, it would take ``euler``."""
+    thief = plugin(distillkit_register_integrators=lambda register: register(EULER_COPY))
+    state = load_plugins([("aaa-third", thief)])
+    assert state.registries.integrators.entry("euler").provider == "integrators"
+    assert state.registries.integrators.get("euler") is not EULER_COPY
+    (error,) = state.plugins["aaa-third"].errors
+    assert "'euler'" in error and "already registered by plugin 'integrators'" in error
+    assert state.plugins["integrators"].errors == []
+
+
+def test_every_command_shows_a_refused_name_conflict(monkeypatch, tmp_path, capsys):
+    from distillkit import plugin_manager
+    from distillkit.cli.main import main
+
+    thief = plugin(distillkit_register_integrators=lambda register: register(EULER_COPY))
+    monkeypatch.setattr(plugin_manager, "_STATE", load_plugins([("aaa-third", thief)]))
+    assert main(["run", "--method", "fm", "--dataset", "toy2d", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "distillkit: warning: plugin 'aaa-third': integrator name 'euler'" in err
+
+
+def test_plugins_into_a_closed_pipe_prints_no_traceback():
+    """``distillkit plugins | head -3``: the reader is gone before the listing is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "distillkit"), "plugins"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the process has started writing: every write hits a broken pipe
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141

@@ -88,10 +88,13 @@ def request_from_args(args: argparse.Namespace):
 
 def command(args: argparse.Namespace) -> int:
     from ..comparison import run_comparison
-    from ..tracking import ui_command
+    from ..tracking import ui_command, ui_url
 
     result = run_comparison(request_from_args(args), log=_log)
     print(result.markdown)
     print(f"parent run: {result.parent_run_id} (artifacts: comparison/comparison.md, comparison.csv, quality_vs_nfe.png)")
     print(f"view it:    {ui_command(result.tracking_uri)}")
+    url = ui_url(result.tracking_uri, result.parent_run_id)
+    if url:
+        print(f"            then open {url}")
     return 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..arguments import (add_model_options, parse_metrics, parse_nfe, parse_non_negative, parse_options,
-                         parse_positive)
+from ..arguments import (add_model_options, parse_metrics, parse_nfe, parse_options,
+                         parse_positive, parse_seed)
 
 _OPTION_SECTIONS = ("sample.sampler_options", "sample.grid_options", "metric_options")
 
@@ -29,7 +29,7 @@ def settings_from_args(args: argparse.Namespace, trained, metrics: tuple[str, ..
     return EvalSettings(
         metrics=metrics, nfes=nfes,
         n=parse_positive(args.n, "--n") if args.n else n_default,
-        seed=parse_non_negative(args.seed, "--seed") if args.seed != "" else sample.seed,
+        seed=parse_seed(args.seed, "--seed") if args.seed != "" else sample.seed,
         integrator=args.integrator, grid=args.grid, sampler=args.sampler,
         sampler_options=options.get("sample.sampler_options", {}),
         grid_options=options.get("sample.grid_options", {}),
@@ -71,7 +71,13 @@ def command(args: argparse.Namespace) -> int:
 
     nfes = parse_nfe(args.nfe)
     requested = parse_metrics(args.metric) if args.metric else None
-    opened = open_run(args.run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, weights=args.weights,
+    from ..run_ids import expand_run_id
+    from ..tracking import check_reachable
+
+    if args.tracking_uri:  # a malformed or unusable store: one line at once, not MLflow's retries
+        check_reachable(args.tracking_uri)
+    run = expand_run_id(args.run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, option="--run")
+    opened = open_run(run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, weights=args.weights,
                       device=args.device)
     trained = opened.trained
     if not args.no_log:

@@ -49,10 +49,10 @@ def command(args: argparse.Namespace, extractor=None) -> int:
     from ..config import build_attrs
     from ..plugin_manager import get_registries
     from ..resolve import lookup
-    from ..arguments import check_device, parse_non_negative, parse_positive
+    from ..arguments import check_device, parse_positive, parse_seed
 
     n = parse_positive(args.n, "--n")
-    seed = parse_non_negative(args.seed, "--seed")
+    seed = parse_seed(args.seed, "--seed")
     batch_size = parse_positive(args.batch_size, "--batch-size")
     options = dataset_options(args.overrides)
     cls = lookup(get_registries().datasets, "--dataset", args.dataset)

@@ -8,20 +8,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from typing import Optional, Sequence
 
 import attrs
 
-from ..errors import ConfigError, DistillkitError, UsageError
+from ..errors import ConfigError, DistillkitError, UsageError, did_you_mean
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is the one line the rest of the CLI prints too."""
+    """argparse, but a usage error is the one line the rest of the CLI prints too, with a "did
+    you mean" for a misspelled command or flag (argparse has it only from Python 3.14)."""
 
     def error(self, message: str):  # type: ignore[override]
         command = self.prog.partition(" ")[2]
+        choice = re.match(r"argument \w+: invalid choice: '([^']*)'", message)
+        if choice and self._subcommands():
+            message += did_you_mean(choice.group(1), self._subcommands())
         raise UsageError(f"{command}: {message}" if command else message)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Flags share their leading "--": a higher cutoff than for names keeps the hints relevant.
+            command = self._subcommands().get(getattr(parsed, "command", None), self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            hints = "".join(did_you_mean(extra.partition("=")[0], flags, n=1, cutoff=0.75) for extra in extras if extra.startswith("-"))
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+        return parsed
+
+    def _subcommands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
 
 
 def _add_run_parser(subparsers) -> None:
@@ -127,19 +149,46 @@ def _with_flag(exc: ConfigError) -> str:
     return str(exc)
 
 
+def _warn_about_broken_plugins() -> None:
+    """Every command shows the plugins that failed to load (``distillkit plugins`` in full): a
+    name a user expects may be missing, or taken by a built-in, because of one."""
+    from ..plugin_manager import plugin_state
+
+    for name, errors in sorted(plugin_state().errors.items()):
+        for error in errors:
+            print(f"distillkit: warning: plugin {name!r}: {error}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "plugins":
+        return cmd_plugins(args)
+    _warn_about_broken_plugins()
+    if args.command in ("sample", "eval", "compare", "fid-stats", "export"):
+        from . import compare, evaluate, export, fid_stats, sample
+
+        commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats,
+                    "export": export}
+        return commands[args.command].command(args)
+    return cmd_run(args)
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``distillkit plugins | head -3``): stop quietly, as a
+    command killed by SIGPIPE does, instead of a BrokenPipeError traceback at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the final flush at exit must not fail again
+    return 141  # 128 + SIGPIPE, what a shell reports for a command the pipe killed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if args.command == "plugins":
-            return cmd_plugins(args)
-        if args.command in ("sample", "eval", "compare", "fid-stats", "export"):
-            from . import compare, evaluate, export, fid_stats, sample
-
-            commands = {"sample": sample, "eval": evaluate, "compare": compare, "fid-stats": fid_stats,
-                        "export": export}
-            return commands[args.command].command(args)
-        return cmd_run(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe is found here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except ConfigError as exc:
         print(f"distillkit: error: {_with_flag(exc)}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from ..training.launch import config_identity  # noqa: F401  (re-exported: ``dis
 from ..arguments import parse_positive
 from ..export import parse_formats
 from ..training.launch import launch, resume_newest, start_run
-from ..tracking import ui_command
+from ..tracking import ui_command, ui_url
 
 
 def _toml_ready(tree):
@@ -29,7 +29,14 @@ def _toml_ready(tree):
 def run_command(args: argparse.Namespace, tree: dict) -> int:
     export = parse_formats(args.export, "--export") if args.export else ()
     export_nfe = parse_positive(args.export_nfe, "--export-nfe") if args.export_nfe else None
-    start = start_run(tree, args.resume)
+    resume = args.resume
+    if resume and resume != "auto":  # a run id may be given as an unambiguous prefix
+        from ..config import RunConfig
+        from ..run_ids import expand_run_id
+
+        runs_dir = tree.get("runs_dir", RunConfig().runs_dir)
+        resume = expand_run_id(resume, runs_dir=runs_dir, tracking_uri=tree.get("tracking_uri", ""), option="--resume")
+    start = start_run(tree, resume)
     if args.dry_run:
         print(tomli_w.dumps(_toml_ready(start.resolved.to_dict())), end="")
         return 0
@@ -68,3 +75,6 @@ def _report(start, launched) -> None:
         print(f"MLflow run: {result.run_id}")
         if launched.tracking_uri:
             print(f"view it:    {ui_command(launched.tracking_uri)}")
+            url = ui_url(launched.tracking_uri, result.run_id)
+            if url:
+                print(f"            then open {url}")

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..arguments import add_model_options, parse_nfe, parse_non_negative, parse_options, parse_positive
+from ..arguments import add_model_options, parse_nfe, parse_options, parse_positive, parse_seed
 from ..errors import ConfigError, UsageError
 from ..evaluation.figures import PNG_MAX_IMAGES
 
@@ -69,11 +69,17 @@ def command(args: argparse.Namespace) -> int:
     batch_size = parse_positive(args.batch_size, "--batch-size")
     options = parse_options(args.overrides, ("sample.sampler_options", "sample.grid_options"))
     png, npz = output_paths(args.out)
-    opened = open_run(args.run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, weights=args.weights,
+    from ..run_ids import expand_run_id
+    from ..tracking import check_reachable
+
+    if args.tracking_uri:  # a malformed or unusable store: one line at once, not MLflow's retries
+        check_reachable(args.tracking_uri)
+    run = expand_run_id(args.run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, option="--run")
+    opened = open_run(run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, weights=args.weights,
                       device=args.device)
     trained = opened.trained
     config = trained.resolved.config
-    seed = parse_non_negative(args.seed, "--seed") if args.seed != "" else config.sample.seed
+    seed = parse_seed(args.seed, "--seed") if args.seed != "" else config.sample.seed
     choice = choose_sampling(trained.resolved, get_registries(), sampler=args.sampler,
                              sampler_options=options.get("sample.sampler_options"), integrator=args.integrator,
                              grid=args.grid, grid_options=options.get("sample.grid_options"), nfes=nfes)

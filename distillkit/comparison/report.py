@@ -193,10 +193,29 @@ def summary_json(rows: list[Row], metrics: list[str], nfes: list[int], header: d
 ARTIFACTS = ("comparison.md", "comparison.csv", "quality_vs_nfe.png", "comparison.json")
 
 
+def parent_metrics(rows: list[Row], metrics: list[str], nfes: list[int]) -> dict[str, float]:
+    """Each child's final quality and costs as metrics of the parent, named by variant
+    (``cud-rk2/energy/nfe4``, ``cud-rk2/cost/train_seconds``), so that the MLflow UI can sort,
+    chart and compare them on the parent run alone. Missing (NaN) values are left out."""
+    out: dict[str, float] = {}
+    for row in rows:
+        for metric in metrics:
+            for nfe in nfes:
+                value = row.values.get(metric, {}).get(nfe)
+                if value is not None and math.isfinite(value):
+                    out[f"{row.label}/{metric}/nfe{nfe}"] = float(value)
+        for cost in ("train_seconds", "images_per_second"):
+            value = getattr(row, cost)
+            if math.isfinite(value):
+                out[f"{row.label}/cost/{cost}"] = float(value)
+    return out
+
+
 def log_report(parent, rows: list[Row], metrics: list[str], nfes: list[int], header: dict, *, markdown: str,
                title: str) -> None:
-    """The parent run's artifacts (``ARTIFACTS``) and tags (variants, children, NFEs, metrics, the
-    table as its description)."""
+    """The parent run's metrics (``parent_metrics``), artifacts (``ARTIFACTS``) and tags
+    (variants, children, NFEs, metrics, the table as its description)."""
+    parent.log_metrics(parent_metrics(rows, metrics, nfes), step=0)
     with tempfile.TemporaryDirectory(prefix="distillkit-compare-") as scratch:
         folder = Path(scratch)
         (folder / "comparison.md").write_text(markdown)

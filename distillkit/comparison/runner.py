@@ -38,12 +38,13 @@ def _open_parent(plan: Plan, tracking_uri: str, log: Callable[[str], None]):
     from ..arguments import first_line
     from ..config import flatten
     from ..errors import UsageError
-    from ..tracking import MlflowTracker
+    from ..tracking import MlflowTracker, store_lock
 
     request = plan.request
     try:
-        client = MlflowClient(tracking_uri=tracking_uri)
-        experiment = client.get_experiment_by_name(plan.experiment)
+        with store_lock(tracking_uri):  # the first use of a new store migrates it: one process at a time
+            client = MlflowClient(tracking_uri=tracking_uri)
+            experiment = client.get_experiment_by_name(plan.experiment)
         parent_id = find_parent(client, experiment.experiment_id, plan.parent_identity) if experiment else None
     except MlflowException as exc:
         raise UsageError(f"cannot use MLflow tracking store {tracking_uri}: {first_line(exc)}") from None
@@ -68,11 +69,12 @@ def run_comparison(request: ComparisonRequest, *, log: Callable[[str], None] = _
     ``log``: progress lines (default: stderr)."""
     from ..arguments import check_device, check_writable
     from ..evaluation import default_metrics
-    from ..tracking import resolve_tracking_uri
+    from ..tracking import check_reachable, resolve_tracking_uri
     from ..training.build import build_dataset
     from ..training.launch import finished_on_failure
 
     plan = plan_comparison(request)
+    check_reachable(resolve_tracking_uri(request.tracking_uri, plan.runs_dir))  # a bad store: one line, at once
     first = plan.children[0].resolved
     device = check_device(first.config.device)
     dataset = build_dataset(first)  # also checks the data files before anything is trained

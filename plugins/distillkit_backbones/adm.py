@@ -307,6 +307,7 @@ class ADMOutputBlock(nn.Module):
 class ADM(EdmLayout, Backbone):
     edm_class = "DhariwalUNet"
     name = "adm"
+    data_kinds = frozenset({"images"})
     config_class = ADMConfig
     accepts_conditioning = True
     capabilities = frozenset({OUTPUT_HEADS})

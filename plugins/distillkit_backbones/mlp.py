@@ -78,6 +78,7 @@ class VectorOutputBlock(nn.Module):
 
 class MLP(Backbone):
     name = "mlp"
+    data_kinds = frozenset({"vectors"})
     config_class = MLPConfig
     accepts_conditioning = True
     capabilities = frozenset({OUTPUT_HEADS})

@@ -259,6 +259,7 @@ class SongOutputBlock(nn.Module):
 class SongUNet(EdmLayout, Backbone):
     edm_class = "SongUNet"
     name = "songunet"
+    data_kinds = frozenset({"images"})
     config_class = SongUNetConfig
     accepts_conditioning = True
     capabilities = frozenset({OUTPUT_HEADS})

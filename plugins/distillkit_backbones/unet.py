@@ -115,6 +115,7 @@ class ImageOutputBlock(nn.Module):
 
 class UNet(Backbone):
     name = "unet"
+    data_kinds = frozenset({"images"})
     config_class = UNetConfig
     accepts_conditioning = True
     capabilities = frozenset({OUTPUT_HEADS})

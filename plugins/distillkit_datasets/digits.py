@@ -61,6 +61,7 @@ class Digits(Dataset):
     name = "digits"
     config_class = DigitsConfig
     default_backbone = "unet"
+    data_kind = "images"
 
     def __init__(self, config: Optional[DigitsConfig] = None, data_root: Optional[str] = None):
         super().__init__(config if config is not None else DigitsConfig(), data_root)

@@ -81,6 +81,8 @@ class ArrayImageDataset(Dataset):
     Its config needs ``class_conditional`` and may have ``hflip``.
     """
 
+    data_kind = "images"
+
     shape: ClassVar[tuple[int, int, int]]
     num_classes: ClassVar[int]
 

@@ -109,6 +109,7 @@ class Toy2d(Dataset):
     name = "toy2d"
     config_class = Toy2dConfig
     default_backbone = "mlp"
+    data_kind = "vectors"
 
     def __init__(self, config: Optional[Toy2dConfig] = None, data_root: Optional[str] = None):
         super().__init__(config if config is not None else Toy2dConfig(), data_root)

@@ -148,7 +148,7 @@ def test_default_integrator_is_rk3():
 
 
 def test_unknown_integrator_name_lists_the_available_ones():
-    with pytest.raises(UnknownNameError, match=r"unknown integrator 'rk9'; available: .*rk4 \(integrators\)"):
+    with pytest.raises(UnknownNameError, match=r"unknown integrator 'rk9' \(did you mean 'rk4' or 'rk3'\?\); available: .*rk4 \(integrators\)"):
         distillkit.integrate(lambda y, t: y, torch.zeros(1, 1), [1.0, 0.0], integrator="rk9")
 
 

@@ -26,7 +26,7 @@ from distillkit import Batch, DataSpec, MethodContext, SamplingModel
 from distillkit.cli.main import main
 from distillkit.config import build_attrs
 from distillkit.resolve import build_sampler
-from distillkit.testing.samplers import SamplerConformance, seeded_fresh_noise
+from distillkit.testing.samplers import seeded_fresh_noise
 from distillkit_meanflow import MeanFlow, MeanFlowConfig, average_velocity_and_derivative, sample_times
 
 S = 0.5  # data standard deviation
@@ -171,10 +171,6 @@ def test_the_sampler_with_the_exact_average_velocity_lands_on_the_flows_end(step
     torch.testing.assert_close(sampling.denoise(noise, torch.ones(10, dtype=torch.float64)), S * noise)
 
 
-class TestMeanFlowSampler(SamplerConformance):
-    sampler_name = "meanflow"
-
-
 # -- the backbones under torch.func.jvp ------------------------------------------------------------
 
 BACKBONES = {
@@ -232,3 +228,14 @@ def test_a_few_hundred_steps_give_a_one_step_sampler_on_toy2d(tmp_path, capsys):
     untrained, trained = _one_step_energy(tmp_path, capsys, 1), _one_step_energy(tmp_path, capsys, 300)
     # measured: see docs/baselines.md (MeanFlow, toy2d); the margin is a factor of 4
     assert trained < untrained / 4, (untrained, trained)
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+
+from test_cud_recipes import RECIPES  # noqa: E402
+from test_cud_recipes import test_recipe_resolves_with_every_value_it_sets as _resolves_with_every_value  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["meanflow-mnist", "meanflow-cifar10"])
+def test_recipes_resolve_with_every_value_they_set(capsys, tmp_path, name):
+    _resolves_with_every_value(capsys, RECIPES / f"{name}.toml", tmp_path)

@@ -25,7 +25,7 @@ from distillkit import Batch, DataSpec, MethodContext
 from distillkit.cli.main import main
 from distillkit.config import build_attrs
 from distillkit.resolve import build_sampler
-from distillkit.testing.samplers import SamplerConformance, seeded_fresh_noise
+from distillkit.testing.samplers import seeded_fresh_noise
 from distillkit_shortcut import Shortcut, ShortcutConfig
 
 S = 0.5
@@ -173,10 +173,6 @@ def test_the_target_network_follows_the_student_by_its_ema_rate():
     assert not method._target.module.training  # targets without dropout, as the paper's code
 
 
-class TestShortcutSampler(SamplerConformance):
-    sampler_name = "shortcut"
-
-
 def _one_step_energy(tmp_path, capsys, steps):
     argv = ["run", "--method", "shortcut", "--dataset", "toy2d", "--max-steps", str(steps), "--no-track",
             "--quiet", "--runs-dir", str(tmp_path), "--nfe", "1", "--lr", "3e-3", "--batch-size", "256",
@@ -190,3 +186,14 @@ def _one_step_energy(tmp_path, capsys, steps):
 def test_a_few_hundred_steps_give_a_one_step_sampler_on_toy2d(tmp_path, capsys):
     untrained, trained = _one_step_energy(tmp_path, capsys, 1), _one_step_energy(tmp_path, capsys, 300)
     assert trained < untrained / 4, (untrained, trained)
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+
+from test_cud_recipes import RECIPES  # noqa: E402
+from test_cud_recipes import test_recipe_resolves_with_every_value_it_sets as _resolves_with_every_value  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["shortcut-mnist", "shortcut-cifar10"])
+def test_recipes_resolve_with_every_value_they_set(capsys, tmp_path, name):
+    _resolves_with_every_value(capsys, RECIPES / f"{name}.toml", tmp_path)

@@ -9,7 +9,7 @@ The network predicts the *average* velocity over [r, t],
     u(z_t, r, t) = 1/(t - r) * integral_r^t v(z_s, s) ds,    so that  z_r = z_t - (t - r) u,
 
 through two time inputs: t (the backbone's own time input) and the interval h = t - r (an extra
-conditioning input named ``h``). The paper's ablation (Table 1c) found (t, t - r) as good as
+conditioning input named ``h``). The paper's ablation of the time inputs found (t, t - r) as good as
 (t, r, t - r) and better than (t, r); it is the paper's default, and it makes r = t (h = 0, plain
 flow matching) one fixed point of the second embedding.
 
@@ -47,7 +47,7 @@ def _fraction(instance, attribute, value) -> None:
 
 @attrs.frozen
 class MeanFlowConfig:
-    """Defaults: the paper's ImageNet choices (its ablations in Table 1); the CIFAR-10 recipe
+    """Defaults: the paper's ImageNet choices (from its ablations); the CIFAR-10 recipe
     (recipes/meanflow-cifar10.toml) sets its own."""
 
     #: mean of the logit-normal time distribution: t', r' = sigmoid(N(mean, std^2)) (paper: -0.4)

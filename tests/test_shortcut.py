@@ -175,9 +175,11 @@ def test_the_target_network_follows_the_student_by_its_ema_rate():
 
 def _one_step_energy(tmp_path, capsys, steps):
     argv = ["run", "--method", "shortcut", "--dataset", "toy2d", "--max-steps", str(steps), "--no-track",
-            "--quiet", "--runs-dir", str(tmp_path), "--nfe", "1", "--lr", "3e-3", "--batch-size", "256",
+            "--quiet", "--runs-dir", str(tmp_path), "--nfe", "1", "--batch-size", "256",
             "--set", "sample.num_samples=1000", "--set", "sample.reference_steps=4",
-            "--set", "train.ema_decay=0.99", "--set", "method_options.target_ema=0.99"]
+            # A 300-step run's EMA target (0.999: still 74 % the initial weights) teaches the big
+            # steps from an untrained network; the online network under stop-gradient does not.
+            "--set", "train.ema_decay=0.99", "--set", "method_options.target_ema=0"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     return float(re.search(r"^\s+1\s+1\s+([\d.]+)", out, re.M).group(1))
@@ -185,6 +187,7 @@ def _one_step_energy(tmp_path, capsys, steps):
 
 def test_a_few_hundred_steps_give_a_one_step_sampler_on_toy2d(tmp_path, capsys):
     untrained, trained = _one_step_energy(tmp_path, capsys, 1), _one_step_energy(tmp_path, capsys, 300)
+    # measured (docs/baselines.md): about 0.17 untrained, 0.02 after 300 steps; the margin is a factor of 4
     assert trained < untrained / 4, (untrained, trained)
 
 

@@ -226,7 +226,7 @@ def _one_step_energy(tmp_path, capsys, steps):
 
 def test_a_few_hundred_steps_give_a_one_step_sampler_on_toy2d(tmp_path, capsys):
     untrained, trained = _one_step_energy(tmp_path, capsys, 1), _one_step_energy(tmp_path, capsys, 300)
-    # measured: see docs/baselines.md (MeanFlow, toy2d); the margin is a factor of 4
+    # measured (docs/baselines.md): about 0.17 untrained, 0.02 after 300 steps; the margin is a factor of 4
     assert trained < untrained / 4, (untrained, trained)
 
 

@@ -38,6 +38,14 @@ class TestCudHeun(SamplerConformance):
     sampler_name = "cud-heun"
 
 
+class TestMeanFlow(SamplerConformance):
+    sampler_name = "meanflow"
+
+
+class TestShortcut(SamplerConformance):
+    sampler_name = "shortcut"
+
+
 def test_every_built_in_sampler_has_a_conformance_class_here():
     from distillkit.testing.registered import built_in_names
 

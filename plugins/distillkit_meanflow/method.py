@@ -1,0 +1,200 @@
+"""MeanFlow (Geng, Deng, Bai, Kolter and He, "Mean Flows for One-step Generative Modeling", 2025),
+written from the paper's math (and METHODS-ONE-STEP.md §2), not from its code.
+
+The paper's convention is the project's: z_t = (1 - t) x + t eps, v = eps - x, r <= t, sampling
+from t = 1 to t = 0. No mapping is needed at the boundary.
+
+The network predicts the *average* velocity over [r, t],
+
+    u(z_t, r, t) = 1/(t - r) * integral_r^t v(z_s, s) ds,    so that  z_r = z_t - (t - r) u,
+
+through two time inputs: t (the backbone's own time input) and the interval h = t - r (an extra
+conditioning input named ``h``). The paper's ablation of the time inputs found (t, t - r) as good as
+(t, r, t - r) and better than (t, r); it is the paper's default, and it makes r = t (h = 0, plain
+flow matching) one fixed point of the second embedding.
+
+Differentiating (t - r) u = integral_r^t v ds in t with r fixed gives the MeanFlow identity
+u = v - (t - r) du/dt, with the total derivative du/dt = (du/dz) v + du/dt, one Jacobian-vector
+product of the network along the tangent (dz, dr, dt) = (v, 0, 1). The loss regresses
+
+    u_tgt = sg( v - (t - r) du/dt ),    Delta = sum over the sample's elements (u - u_tgt)^2,
+    L = mean_batch( sg(w) Delta ),     w = 1 / (Delta + c)^p          (adaptive weighting)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import attrs
+import torch
+from torch import nn
+
+import distillkit
+from distillkit import LossOutput, Method, SamplingModel, broadcast_time, straight_path, validators
+
+#: The name of the backbone's extra conditioning input: the interval h = t - r.
+INTERVAL = "h"
+
+
+def _real(instance, attribute, value) -> None:
+    validators.require(validators.is_number(value), attribute, value, "a number")
+
+
+
+def _fraction(instance, attribute, value) -> None:
+    validators.require(validators.is_number(value) and 0 <= value <= 1, attribute, value, "a number in [0, 1]")
+
+@attrs.frozen
+class MeanFlowConfig:
+    """Defaults: the paper's ImageNet choices (from its ablations); the CIFAR-10 recipe
+    (recipes/meanflow-cifar10.toml) sets its own."""
+
+    #: mean of the logit-normal time distribution: t', r' = sigmoid(N(mean, std^2)) (paper: -0.4)
+    time_mean: float = attrs.field(default=-0.4, validator=_real)
+    #: standard deviation of the logit-normal time distribution (paper: 1.0)
+    time_std: float = attrs.field(default=1.0, validator=validators.positive_number)
+    #: share of each batch with r < t; the rest has r = t, i.e. flow matching (paper: 25 %)
+    interval_fraction: float = attrs.field(default=0.25, validator=_fraction)
+    #: p of the adaptive weight w = 1 / (Delta + c)^p (paper: 1.0 on ImageNet; 0 = plain squared L2)
+    norm_p: float = attrs.field(default=1.0, validator=validators.non_negative_number)
+    #: c of the adaptive weight (paper: 1e-3)
+    norm_c: float = attrs.field(default=1e-3, validator=validators.positive_number)
+
+
+def sample_times(n: int, config: MeanFlowConfig, generator: torch.Generator, *, device=None,
+                 dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, r), each [n]: two independent logit-normal draws, sorted so that r <= t; then r = t on
+    the first n - round(n * interval_fraction) samples (the paper draws the count exactly, on the
+    first rows of the batch; the batch order is already random)."""
+    draws = torch.randn(2, n, generator=generator, device=device, dtype=dtype)
+    times = torch.sigmoid(config.time_mean + config.time_std * draws)
+    t, r = times.max(dim=0).values, times.min(dim=0).values
+    equal = torch.arange(n, device=device) < n - round(n * config.interval_fraction)
+    return t, torch.where(equal, t, r)
+
+
+def _plain_module(network: nn.Module) -> nn.Module:
+    """The module under the trainer's wrappers (DDP, torch.compile), for the JVP: forward-mode AD
+    does not go through DistributedDataParallel's forward or a compiled graph. Only the target is
+    computed there, without gradient; the trained forward pass goes through the wrappers, so DDP
+    still averages the gradients."""
+    while True:
+        if isinstance(network, nn.parallel.DistributedDataParallel):
+            network = network.module
+        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            network = network._orig_mod
+        else:
+            return network
+
+
+def _same_dropout(device: torch.device):
+    """Fork the RNG: the evaluation inside the block draws the dropout masks the one after it
+    draws too, so that du/dt is the derivative of the very u that is trained."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def _forward_mode_safe(device: torch.device):
+    """Attention kernels without forward-mode AD (flash / memory-efficient SDPA) are switched to the
+    math kernel, and autocast is off: the JVP is taken in the network's own precision (fp32), as
+    the paper's PyTorch code does."""
+    stack = contextlib.ExitStack()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    stack.enter_context(torch.autocast(device.type, enabled=False))
+    return stack
+
+
+def average_velocity_and_derivative(network: nn.Module, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                                    v: torch.Tensor, cond: Optional[torch.Tensor]):
+    """(u, du/dt) at (z, r, t): one ``torch.func.jvp`` of (z, r, t) -> u(z, r, t) along the tangent
+    (v, 0, 1), without gradient. The interval h = t - r is computed inside the function, so its
+    tangent is 1 - 0 = 1."""
+
+    def u_of(z_, r_, t_):
+        return network(z_, t_, cond, extra={INTERVAL: t_ - r_})
+
+    with torch.no_grad(), _forward_mode_safe(z.device):
+        return torch.func.jvp(u_of, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+
+
+class MeanFlow(Method):
+    name = "meanflow"
+    config_class = MeanFlowConfig
+    conditioning = (INTERVAL,)
+    default_sampler = "meanflow"
+    # ``meanflow`` steps with u over each whole step; ``consistency`` re-noises the one-step
+    # estimate x - t u(x, 0, t). The ``ode`` sampler's Runge-Kutta stages would read u at
+    # intermediate times with the step's end, which is not what u means: it is not offered.
+    samplers = ("meanflow", "consistency")
+    provides = frozenset({"velocity", "denoise"})
+
+    def loss(self, student, batch, generator, step):
+        cfg = self.config
+        x, cond = batch.x, batch.cond
+        n = x.shape[0]
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        t, r = sample_times(n, cfg, generator, device=x.device, dtype=x.dtype)
+        z, v = straight_path(x, eps, t)
+        # The target is under stop-gradient, so the JVP is taken without a graph, on the plain
+        # module, with the dropout masks of the forward pass below (one forward + one JVP).
+        with _same_dropout(x.device):
+            _, dudt = average_velocity_and_derivative(_plain_module(student), z, r, t, v, cond)
+        u = student(z, t, cond, extra={INTERVAL: t - r})
+        target = (v - broadcast_time(t - r, x) * dudt).detach()
+        delta = (u - target).square().flatten(1).sum(1)
+        weight = (delta.detach() + cfg.norm_c).pow(-cfg.norm_p)
+        loss = (weight * delta).mean()
+        return LossOutput(loss, {"mse": delta.detach().mean() / x[0].numel()})
+
+    # sampling -----------------------------------------------------------------------------------
+    def velocity_fn(self, student, cond=None):
+        """The instantaneous velocity: u(x, t, t) (h = 0)."""
+
+        def velocity(x, t):
+            return student(x, t, cond, extra={INTERVAL: torch.zeros_like(t)})
+
+        return velocity
+
+    def sampling_model(self, network, cond=None):
+        """The average velocity over the step (r = t_next), and the one-step estimate of the data
+        x0 = x - t u(x, 0, t)."""
+
+        def step_velocity(x, t, t_next):
+            return network(x, t, cond, extra={INTERVAL: t - t_next})
+
+        def denoise(x, t):
+            return x - broadcast_time(t, x) * network(x, t, cond, extra={INTERVAL: t})
+
+        return SamplingModel(velocity=step_velocity, denoise=denoise)
+
+    def network_evals_per_step(self):
+        # The forward pass with gradient, and the JVP (its own primal pass plus the tangent).
+        return {"with_grad": 1, "no_grad": 0, "jvp": 1}
+
+    def tags(self):
+        return {"distillkit.meanflow.time_inputs": "t,t-r",
+                "distillkit.meanflow.interval_fraction": str(self.config.interval_fraction),
+                "distillkit.meanflow.norm_p": str(self.config.norm_p)}
+
+
+class MeanFlowSampler(distillkit.Sampler):
+    """x_{t_next} = x_t - (t - t_next) u(x_t, t_next, t) on the run's time grid: one evaluation a
+    step. With one step, x = eps - u(eps, 0, 1), the paper's 1-NFE sample."""
+
+    name = "meanflow"
+    needs = frozenset({"velocity"})
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        return nfe
+
+    def sample(self, model, noise, time_grid, fresh_noise):
+        times = distillkit.validate_time_grid(time_grid).tolist()
+        x = noise
+        for t, t_next in zip(times[:-1], times[1:]):
+            now = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+            end = torch.full_like(now, t_next)
+            x = x - (t - t_next) * model.velocity(x, now, end)
+        return x

@@ -7,10 +7,12 @@ Parsing and printing only; starting, resuming and finishing the run is
 from __future__ import annotations
 
 import argparse
+import sys
 
 import tomli_w
 
 from ..training.launch import config_identity  # noqa: F401  (re-exported: ``distillkit.cli.run.config_identity``)
+from ..training.interruption import TrainingInterrupted
 from ..training.launch import launch, resume_newest, start_run
 from ..tracking import ui_command
 
@@ -35,7 +37,11 @@ def run_command(args: argparse.Namespace, tree: dict) -> int:
             # Restarting a command whose run already finished must not train it a second time.
             print(f"the newest run of this configuration has already finished: {start.resume_path.parent}")
             return 0
-    launched = launch(start, track=not args.no_track, progress=not args.quiet)
+    try:
+        launched = launch(start, track=not args.no_track, progress=not args.quiet)
+    except TrainingInterrupted as exc:
+        print(f"distillkit: {exc}", file=sys.stderr)
+        return exc.exit_code
     if launched.training is not None:
         _report(start, launched)
     return 0

@@ -26,7 +26,7 @@ from ..resolve import Resolved, resolve
 #: Options that may differ when a run is resumed: where and how it runs, not what it trains.
 RESUMABLE = {
     "runs_dir", "tracking_uri", "device", "experiment", "data_root",
-    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
+    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_last", "train.keep_every",
     "train.sample_every",
 }
 
@@ -116,12 +116,29 @@ def resume_newest(start: RunStart) -> RunStart:
 
 @contextlib.contextmanager
 def finished_on_failure(tracker) -> Iterator[Any]:
-    """An exception inside ends the tracker's run as KILLED (Ctrl-C) or FAILED, and goes on."""
+    """An exception inside ends the tracker's run as KILLED (Ctrl-C, SIGTERM) or FAILED, and goes on."""
     try:
         yield tracker
     except BaseException as exc:
-        tracker.finish("KILLED" if type(exc) is KeyboardInterrupt else "FAILED")
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+@contextlib.contextmanager
+def _reported_interruption(output_dir: Path, max_steps: int, tracked: bool) -> Iterator[None]:
+    """Every interruption leaves as a ``TrainingInterrupted`` that names what was saved and the
+    command that resumes it."""
+    from .interruption import TrainingInterrupted, interrupted_on_disk
+
+    try:
+        yield
+    except TrainingInterrupted as exc:
+        exc.tracked = tracked
+        raise
+    except KeyboardInterrupt:
+        interrupted = interrupted_on_disk(output_dir, max_steps)
+        interrupted.tracked = tracked
+        raise interrupted from None
 
 
 def load_run_teacher(resolved: Resolved, spec, device, *, runs_dir: Path, tracking_uri: str):
@@ -185,7 +202,7 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True) -> Lau
         else:
             name = tracker.run_id or datetime.datetime.now().strftime("untracked-%Y%m%d-%H%M%S-%f")
             output_dir = runs_dir / "runs" / distributed.broadcast(name)
-        with finished_on_failure(tracker):
+        with finished_on_failure(tracker), _reported_interruption(output_dir, config.train.max_steps, track):
             result = train(resolved, tracker, output_dir, dataset=dataset, teacher=teacher,
                            resume=start.resume_payload, distributed=distributed, device=device, progress=progress)
         tracker.finish("FINISHED")

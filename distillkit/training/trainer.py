@@ -35,7 +35,8 @@ from .distributed import Distributed
 from .program import TrainingState, build_state
 from .progress import MetricWindow, Progress, peak_memory_mb
 from .state import EpochBatches, restore_rng
-from .step import StepSetup, micro_batch_seed, run_step  # noqa: F401  (micro_batch_seed: public)
+from .interruption import CheckpointClock, StopRequests, TrainingInterrupted
+from .step import StepSetup, check_weights, micro_batch_seed, run_step  # noqa: F401  (micro_batch_seed: public)
 
 # torchdata 0.11 calls a deprecated torch API on every loader; the warning means nothing to users.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -54,6 +55,8 @@ class RunResult:
     final_loss: float
     images_per_second: float
     resumed_from_step: int = 0
+    #: the steps whose updates ``train.nonfinite=skip`` skipped (1-based), over the whole run
+    skipped_steps: tuple = ()
 
 
 def _set_matmul_precision(precision: str) -> None:
@@ -225,32 +228,44 @@ def train(
     final_loss = float("nan")
     checkpoint = checkpointer.latest
     prefetched: Optional[Batch] = None
-    for step in range(start_step, cfg.max_steps):
-        batch = _on_device(prefetched if prefetched is not None else next(batches), device, image_model)
-        prefetched = None
-        done = step + 1
-        checkpoint_due = bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
+    clock = CheckpointClock(cfg.checkpoint_minutes)
+    with StopRequests() as stops:
+        for step in range(start_step, cfg.max_steps):
+            batch = _on_device(prefetched if prefetched is not None else next(batches), device, image_model)
+            prefetched = None
+            done = step + 1
+            # Every rank must checkpoint (and stop) at the same step: the decisions are agreed on.
+            by_time, stop = distributed.any([clock.due(), stops.requested], device)
+            checkpoint_due = (bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or by_time or stop
+                              or done == cfg.max_steps)
 
-        def prefetch() -> None:
-            nonlocal prefetched
-            # The next batch is collated while the device still works on this step. Never before a
-            # checkpoint: the data position saved there must be the one after this step.
-            if not checkpoint_due and not method.data_changes_after_step:
-                prefetched = next(batches)
+            def prefetch() -> None:
+                nonlocal prefetched
+                # The next batch is collated while the device still works on this step. Never before a
+                # checkpoint: the data position saved there must be the one after this step.
+                if not checkpoint_due and not method.data_changes_after_step:
+                    prefetched = next(batches)
 
-        result = run_step(setup, state, batch, step, before_wait=prefetch, checkpoint=checkpointer.last_good)
-        final_loss = result.sampling_loss if result.sampling_loss is not None else final_loss
-        window.add(result.metrics)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
-        bar.update(done, final_loss, window.images_per_second)
-        if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
-            _sample_grid(resolved, method, state.sampling_weights(), spec, grid_inputs.noise, grid_inputs.labels,
-                         output_dir, tracker, done)
-        if checkpoint_due:
-            checkpoint = checkpointer.save(state, batches)
-        if on_step is not None:
-            on_step(done)
+            result = run_step(setup, state, batch, step, before_wait=prefetch, checkpoint=checkpointer.last_good)
+            final_loss = result.sampling_loss if result.sampling_loss is not None else final_loss
+            window.add(result.metrics)
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
+            bar.update(done, final_loss, window.images_per_second)
+            if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
+                _sample_grid(resolved, method, state.sampling_weights(), spec, grid_inputs.noise, grid_inputs.labels,
+                             output_dir, tracker, done)
+            if checkpoint_due:
+                check_weights(state, checkpointer.last_good)  # a checkpoint never holds non-finite weights
+                checkpoint = checkpointer.save(state, batches)
+                clock.reset()
+            if on_step is not None:
+                on_step(done)
+            if stop:
+                bar.close()
+                raise TrainingInterrupted(stops.signal_name, done, cfg.max_steps, checkpoint, done,
+                                          exit_code=128 + stops.received)
+    check_weights(state, checkpointer.last_good)  # the final model (resumed at max_steps: nothing pending)
     bar.close()
 
     images_per_second = window.images_per_second

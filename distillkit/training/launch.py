@@ -41,11 +41,13 @@ def find_resume(reference: str, runs_dir: Path, identity: str) -> Optional[Path]
     """The checkpoint to resume: a file, a run id / run folder name, or ``auto`` (the newest
     checkpoint under ``runs_dir`` of a run whose config has ``identity``; None if there is none)."""
     if reference == "auto":
-        from .checkpoint import load_checkpoint
+        from .checkpoint import RESUME_KEYS, load_checkpoint, require_keys
 
         candidates = sorted((runs_dir / "runs").glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
         for path in candidates:  # newest first: a finished run of this config is returned too
-            if config_identity(load_checkpoint(path)["config"]) == identity:
+            payload = load_checkpoint(path)
+            require_keys(payload, path, RESUME_KEYS, "--resume auto")
+            if config_identity(payload["config"]) == identity:
                 return path
         return None
     path = Path(reference).expanduser()
@@ -90,11 +92,12 @@ def start_run(tree: dict, resume: Optional[str] = None) -> RunStart:
     from ..plugin_manager import get_registries
 
     if resume and resume != "auto":
-        from .checkpoint import load_checkpoint
+        from .checkpoint import RESUME_KEYS, load_checkpoint, require_keys
 
         runs_dir = default_runs_dir(run_config_from_dict({k: v for k, v in tree.items() if k == "runs_dir"}))
         path = find_resume(resume, runs_dir, "")
         payload = load_checkpoint(path)
+        require_keys(payload, path, RESUME_KEYS, "--resume")
         return RunStart(resolve(resumed_config(payload, tree), get_registries()), path, payload)
     return RunStart(resolve(run_config_from_dict(tree), get_registries()))
 
@@ -155,6 +158,39 @@ def load_run_teacher(resolved: Resolved, spec, device, *, runs_dir: Path, tracki
     return load_teacher(config.teacher, get_registries(), context)
 
 
+def check_resume_step(payload: dict, path: Path, max_steps: int) -> None:
+    """A checkpoint past ``train.max_steps`` cannot be continued to it."""
+    step = int(payload["step"])
+    if step > max_steps:
+        raise ConfigError("train.max_steps", max_steps, f"at least the step of the checkpoint resumed, {step} "
+                          f"({path}); pass --max-steps {step} or more")
+
+
+def check_weights_fit(resolved: Resolved, spec, teacher, payload: dict, path: Path) -> None:
+    """The checkpoint's weights have the keys and shapes of the networks its config builds (checked
+    on the CPU, before a run is reopened or anything is written)."""
+    import torch
+
+    from ..errors import UsageError
+    from .build import build_networks
+
+    method, networks = build_networks(resolved, spec, torch.device("cpu"), seed=0, teacher=teacher)
+    saved = {method.sampling_network: payload["student"], **payload.get("networks", {})}
+    for name, module in networks.items():
+        if name not in saved:
+            raise UsageError(f"checkpoint {path} has no weights for the network {name!r} of method {resolved.config.method}")
+        wanted, found = module.state_dict(), saved[name]
+        for key, tensor in wanted.items():
+            if key not in found or not hasattr(found[key], "shape") or tuple(found[key].shape) != tuple(tensor.shape):
+                got = tuple(found[key].shape) if key in found and hasattr(found[key], "shape") else "missing"
+                raise UsageError(f"checkpoint {path} does not fit the network its config builds: {name}.{key} "
+                                 f"is {got}, the network needs {tuple(tensor.shape)}")
+        extra = sorted(set(found) - set(wanted))
+        if extra:
+            raise UsageError(f"checkpoint {path} does not fit the network its config builds: {name}.{extra[0]} "
+                             f"is not a weight of that network")
+
+
 @attrs.frozen
 class Launched:
     """What ``launch`` trained. ``training`` is None on the ranks of ``torchrun`` other than 0,
@@ -175,6 +211,8 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True) -> Lau
     from .trainer import train
 
     resolved, config = start.resolved, start.resolved.config
+    if start.resume_payload is not None:
+        check_resume_step(start.resume_payload, start.resume_path, config.train.max_steps)
     check_device_available(config.device)
     if track:  # an unreachable server is found before anything is written
         check_reachable(resolve_tracking_uri(config.tracking_uri, default_runs_dir(config)))
@@ -184,6 +222,8 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True) -> Lau
         # Data and teacher first: a missing file must stop the run before anything is created.
         dataset = build_dataset(resolved)
         teacher = load_run_teacher(resolved, dataset.spec, device, runs_dir=runs_dir, tracking_uri=config.tracking_uri)
+        if start.resume_payload is not None:
+            check_weights_fit(resolved, dataset.spec, teacher, start.resume_payload, start.resume_path)
         if distributed.is_main:
             check_writable(runs_dir)
 

@@ -23,7 +23,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from ..config import flatten
 from ..contracts import Batch, Dataset, Method, PrepareContext, Teacher
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..evaluation import Evaluation, class_labels, end_of_run, sample_grid, save_sample_figure
 from ..resolve import Resolved
 from ..sampling import prior_noise
@@ -211,9 +211,13 @@ def train(
 
     if resume is not None:
         checkpointer.remove_leftovers()
-        state.load_state_dict(resume)
-        batches.load_state_dict(resume["data"][distributed.rank])
-        restore_rng(resume["rng"][distributed.rank])
+        try:
+            state.load_state_dict(resume)
+            batches.load_state_dict(resume["data"][distributed.rank])
+            restore_rng(resume["rng"][distributed.rank])
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:  # a foreign or damaged file
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UsageError(f"the checkpoint resumed does not fit this run ({type(exc).__name__}: {first})") from None
     start_step = state.step
     if start_step == 0:
         _log_start(resolved, tracker, parts, state, teacher)

@@ -83,6 +83,9 @@ class RunStart:
     resume_path: Optional[Path] = None
     resume_payload: Optional[dict[str, Any]] = None
     finished: bool = False
+    #: run folders of this config that died before their first checkpoint (``--resume auto``
+    #: supersedes them: ``orphans.supersede``)
+    orphans: tuple = ()
 
 
 def start_run(tree: dict, resume: Optional[str] = None) -> RunStart:
@@ -108,8 +111,12 @@ def resume_newest(start: RunStart) -> RunStart:
     from .checkpoint import load_checkpoint
     from .trainer import FINISHED_MARKER
 
+    from .orphans import find_orphans
+
     resolved = start.resolved
-    path = find_resume("auto", default_runs_dir(resolved.config), config_identity(resolved.to_dict()))
+    runs_dir, identity = default_runs_dir(resolved.config), config_identity(resolved.to_dict())
+    start = attrs.evolve(start, orphans=tuple(find_orphans(runs_dir, identity)))
+    path = find_resume("auto", runs_dir, identity)
     if path is None:
         return start
     if (path.parent / FINISHED_MARKER).exists():
@@ -125,6 +132,36 @@ def finished_on_failure(tracker) -> Iterator[Any]:
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def _record_run(start: RunStart, output_dir: Path, run_id: Optional[str], tracking_uri: str) -> None:
+    """Write the run folder's ``run.json`` and supersede the orphans ``--resume auto`` found."""
+    from .orphans import supersede, write_marker
+
+    write_marker(output_dir, config_identity(start.resolved.to_dict()), run_id, tracking_uri)
+    for orphan in start.orphans:
+        if orphan != output_dir:
+            supersede(orphan, f"run {run_id}" if run_id else f"the untracked run in {output_dir}")
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_failure(output_dir: Path) -> Iterator[None]:
+    """A full disk (or quota) while training ends the run with one line naming the checkpoint kept
+    (an atomic write leaves the previous one whole)."""
+    import errno
+
+    from ..errors import TrainingFailed
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        latest = output_dir / "checkpoint.pt"
+        kept = f"the last checkpoint, {latest}, is kept" if latest.is_file() else "no checkpoint had been written yet"
+        where = f" writing {exc.filename}" if exc.filename else ""
+        raise TrainingFailed(f"no space left on the device{where} ({exc.strerror or exc}); {kept}; "
+                             f"free some space and resume with --resume auto") from None
 
 
 @contextlib.contextmanager
@@ -242,7 +279,10 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True) -> Lau
         else:
             name = tracker.run_id or datetime.datetime.now().strftime("untracked-%Y%m%d-%H%M%S-%f")
             output_dir = runs_dir / "runs" / distributed.broadcast(name)
-        with finished_on_failure(tracker), _reported_interruption(output_dir, config.train.max_steps, track):
+        with finished_on_failure(tracker), _reported_interruption(output_dir, config.train.max_steps, track), \
+                _disk_full_is_a_failure(output_dir):
+            if distributed.is_main:
+                _record_run(start, output_dir, tracker.run_id, tracking_uri)
             result = train(resolved, tracker, output_dir, dataset=dataset, teacher=teacher,
                            resume=start.resume_payload, distributed=distributed, device=device, progress=progress)
         tracker.finish("FINISHED")

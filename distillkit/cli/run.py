@@ -61,6 +61,11 @@ def _report(start, launched) -> None:
           f"ode_error: RMS distance to a {config.sample.reference_steps}-step "
           f"{config.sample.reference_integrator} solve):")
     print(result.evaluation.table())
+    if result.skipped_steps:
+        steps = result.skipped_steps
+        shown = ", ".join(map(str, steps[:20])) + (f", ... ({len(steps) - 20} more)" if len(steps) > 20 else "")
+        print(f"skipped {len(steps)} non-finite step{'s' if len(steps) > 1 else ''} (train.nonfinite=skip): "
+              f"step{'s' if len(steps) > 1 else ''} {shown}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.sample_figure}")
     if result.run_id:

@@ -279,7 +279,8 @@ def train(
                                                 tracker, output_dir)
     # Written last: a run without it (killed during the evaluation, say) is resumed by --resume auto.
     (output_dir / FINISHED_MARKER).write_text(json.dumps(evaluation.metrics(), indent=2))
-    return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step)
+    return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step,
+                     skipped_steps=tuple(state.skipped_at))
 
 
 def _on_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:

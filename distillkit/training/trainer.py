@@ -25,6 +25,7 @@ from ..config import flatten
 from ..contracts import Batch, Dataset, Method, PrepareContext, Teacher
 from ..errors import ConfigError, UsageError
 from ..evaluation import Evaluation, class_labels, end_of_run, sample_grid, save_sample_figure
+from ..evaluation.figures import save_png
 from ..resolve import Resolved
 from ..sampling import prior_noise
 from ..trained import CONVENTION
@@ -33,7 +34,7 @@ from .build import Components, build_dataset, build_networks, count_parameters, 
 from .checkpointer import Checkpointer
 from .distributed import Distributed
 from .program import TrainingState, build_state
-from .progress import MetricWindow, Progress, peak_memory_mb
+from .progress import MetricWindow, Progress, RunEta, peak_memory_mb
 from .state import EpochBatches, restore_rng
 from .interruption import CheckpointClock, StopRequests, TrainingInterrupted
 from .step import StepSetup, check_weights, micro_batch_seed, run_step  # noqa: F401  (micro_batch_seed: public)
@@ -140,14 +141,32 @@ def _sample_grid(resolved: Resolved, method: Method, weights: torch.nn.Module, s
     tracker.log_image(path, key="samples/train", step=step)
 
 
+def _run_eta(resolved: Resolved, method: Method, start_step: int, enabled: bool, log) -> RunEta:
+    import math
+
+    from ..plugin_manager import get_registries
+    from ..sampling import DEFAULT_BATCH
+
+    sample = resolved.config.sample
+    evals = method.network_evals_per_step()
+    step_calls = 3 * evals["with_grad"] + evals["no_grad"] + 3 * evals.get("jvp", 0)
+    reference = get_registries().integrators.get(sample.reference_integrator)
+    stages = getattr(reference, "stages", 1)
+    eval_calls = math.ceil(sample.num_samples / DEFAULT_BATCH) * (sum(sample.nfe) + sample.reference_steps * stages)
+    return RunEta(start_step, resolved.config.train.max_steps, step_calls, eval_calls, enabled, log)
+
+
 def _end_of_run_evaluation(resolved: Resolved, method: Method, weights: torch.nn.Module, dataset: Dataset,
-                           device: torch.device, tracker: Tracker, output_dir: Path) -> tuple[Evaluation, Path]:
-    """The quality of ``weights`` at every ``sample.nfe``, logged; the samples saved as a figure."""
+                           device: torch.device, tracker: Tracker, output_dir: Path,
+                           log: Optional[Callable[[str], None]] = None) -> tuple[Evaluation, Path]:
+    """The quality of ``weights`` at every ``sample.nfe``, logged (a line per NFE on ``log``); the
+    samples saved as the figure ``distillkit sample`` draws (labelled by NFE)."""
     config = resolved.config
     weights.eval()
-    evaluation = end_of_run(method, weights, dataset, resolved, device)
+    evaluation = end_of_run(method, weights, dataset, resolved, device, log=log)
     tracker.log_metrics(evaluation.metrics(), step=config.train.max_steps)
-    figure = save_sample_figure(evaluation.samples, dataset.spec, output_dir / "samples.png")
+    figure = output_dir / "samples.png"
+    save_png(evaluation.samples, dataset.spec, figure)
     tracker.log_artifact(figure, "samples")
     return evaluation, figure
 
@@ -233,6 +252,7 @@ def train(
     checkpoint = checkpointer.latest
     prefetched: Optional[Batch] = None
     clock = CheckpointClock(cfg.checkpoint_minutes)
+    eta = _run_eta(resolved, method, start_step, progress and distributed.is_main, log)
     with StopRequests() as stops:
         for step in range(start_step, cfg.max_steps):
             batch = _on_device(prefetched if prefetched is not None else next(batches), device, image_model)
@@ -256,6 +276,7 @@ def train(
             if done % cfg.log_every == 0 or done == cfg.max_steps:
                 tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
             bar.update(done, final_loss, window.images_per_second)
+            eta.update(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
                 _sample_grid(resolved, method, state.sampling_weights(), spec, grid_inputs.noise, grid_inputs.labels,
                              output_dir, tracker, done)
@@ -276,7 +297,7 @@ def train(
     if not distributed.is_main:
         return RunResult(tracker.run_id, output_dir, checkpoint, None, None, final_loss, images_per_second, start_step)
     evaluation, figure = _end_of_run_evaluation(resolved, method, state.sampling_weights(), dataset, device,
-                                                tracker, output_dir)
+                                                tracker, output_dir, log=log if progress else None)
     # Written last: a run without it (killed during the evaluation, say) is resumed by --resume auto.
     (output_dir / FINISHED_MARKER).write_text(json.dumps(evaluation.metrics(), indent=2))
     return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step,

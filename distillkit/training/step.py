@@ -9,6 +9,11 @@ multi-update step must step before the next update's loss (which sees their resu
   non-finite update stops the run, whose last checkpoint is untouched;
 - ``nonfinite=skip``: each of them is read back before it steps (one more wait per update), so
   that a non-finite one is skipped and nothing it would have changed is.
+
+The weights themselves are checked too: after a step's updates the largest |weight| of every
+network and EMA is computed on the device (``weights_magnitude``) and read back in the next
+step's wait (the trainer reads it at once before a checkpoint and at the end: ``check_weights``).
+Non-finite weights stop the run under either setting: nothing can skip an update already applied.
 """
 
 from __future__ import annotations

@@ -412,3 +412,23 @@ def test_resume_auto_leaves_a_live_run_of_the_same_config_alone(tmp_path):
     (dead / "run.json").write_text(json.dumps(record))
     assert find_orphans(tmp_path, "abc") == [dead]
     assert find_orphans(tmp_path, "other") == []
+
+
+def test_a_real_full_tmpfs_is_the_same_one_line_failure(tmp_path, capsys):
+    """A small tmpfs (root only; skipped elsewhere): the first checkpoint fits, the second does not.
+    torch's zip writer reports the full disk as a RuntimeError; save_atomic restores the OSError."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4500k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        code = main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "40", "--batch-size", "16",
+                     "--checkpoint-every", "10", "--runs-dir", str(mount / "runs"), *SMALL])
+        errors = _errors(capsys)
+        assert code == 1 and len(errors) == 1 and "no space left on the device" in errors[0], errors
+        (run_dir,) = (mount / "runs" / "runs").iterdir()
+        assert "is kept" in errors[0]
+        assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 10
+        assert not list(run_dir.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

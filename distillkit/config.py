@@ -125,14 +125,19 @@ class TrainConfig:
     grad_clip: float = option(1.0, non_negative_number, help="max gradient norm (0 = no clipping)")
     grad_accumulation: int = option(1, positive_int, help="micro-batches per optimizer step (batch_size is split)")
     nonfinite: str = option("stop", one_of("stop", "skip"),
-                            help="a NaN/inf loss or gradient: stop the run (keeping the last good checkpoint) or skip the step")
+                            help="a NaN/inf loss or gradient: stop the run (keeping the last good checkpoint) or skip the "
+                                 "step; non-finite weights after an update always stop it")
     precision: str = option("fp32", one_of("fp32", "tf32", "bf16", "fp16"), cli="--precision",
                             help="fp32, tf32 (CUDA matmuls), bf16 autocast or fp16 autocast with loss scaling")
     channels_last: bool = option(False, help="channels-last memory format for image models")
     compile: bool = option(False, help="torch.compile each trained network")
     log_every: int = option(25, positive_int, help="steps between logged training metrics")
     checkpoint_every: int = option(0, non_negative_int, cli="--checkpoint-every",
-                                   help="steps between checkpoints (0 = only at the end)")
+                                   help="steps between checkpoints (0 = none by step count)")
+    checkpoint_minutes: float = option(
+        10.0, non_negative_number, cli="--checkpoint-minutes",
+        help="minutes of training between checkpoints, besides checkpoint_every (0 = none by time); "
+             "a run also writes one on SIGINT/SIGTERM and at the end")
     keep_last: int = option(2, positive_int, help="periodic checkpoints kept on disk (the newest)")
     checkpoint_format: str = option("torch", one_of("torch", "safetensors"),
                                     help="checkpoint files as torch.save (weights_only) or safetensors (docs/training.md)")

@@ -80,9 +80,34 @@ def save_atomic(payload: Any, path: str | Path) -> Path:
 
     def write(temporary: Path) -> None:
         with open(temporary, "wb") as stream:
-            torch.save(payload, stream)
+            recording = _WriteErrors(stream)
+            try:
+                torch.save(payload, recording)
+            except RuntimeError:
+                # torch's zip writer turns a failed write (a full disk) into "unexpected pos":
+                # the OSError underneath says what happened.
+                if recording.error is not None:
+                    raise recording.error from None
+                raise
 
     return write_atomic(path, write, temporary_suffix=".tmp")
+
+
+class _WriteErrors:
+    """A binary stream that remembers the first ``OSError`` its writes raised."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.error = stream, None
+
+    def write(self, data) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -291,3 +291,18 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
+
+
+def fail_orphaned_run(tracking_uri: str, run_id: str, tag: str, reason: str) -> None:
+    """End a run whose process died without ending it (still RUNNING) as FAILED, tagged with why.
+    A store that cannot be reached or no longer has the run is left alone: this is cleanup."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, tag, reason)
+            client.set_terminated(run_id, status="FAILED")
+    except MlflowException:
+        pass

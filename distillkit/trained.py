@@ -24,7 +24,7 @@ from .errors import UsageError
 from .plugin_manager import get_registries
 from .resolve import Resolved, resolve
 from .training.build import build_model
-from .training.checkpoint import load_checkpoint
+from .training.checkpoint import MODEL_KEYS, load_checkpoint, require_keys
 
 CONVENTION = "t0=data,t1=noise,x_t=(1-t)x+t*eps,v=eps-x"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -64,6 +64,8 @@ def load_trained_model(path: str | Path, *, weights: str = "ema", device: str | 
     """
     path = Path(path)
     payload = load_checkpoint(path, map_location=device)
+    require_keys(payload, path, MODEL_KEYS + (("ema",) if weights == "ema" else ("student",) if weights == "online" else ()),
+                 "a trained model")
     named = payload.get("emas", {})
     if weights == "ema":
         state = payload["ema"]

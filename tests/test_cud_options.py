@@ -505,11 +505,9 @@ def test_songunet_phi_is_read_from_the_backbone(registries):
     if "songunet" not in registries.backbones.names():
         pytest.skip("songunet backbone not registered")
     cls = registries.backbones.get("songunet")
-    try:
-        config = cls.config_class(channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(), shakedrop=True, phi=0.25)
-        backbone = cls.build(config, DataSpec((1, 8, 8)))
-    except Exception as exc:  # noqa: BLE001 - the backbone is another plugin's work in progress
-        pytest.skip(f"songunet cannot be built with a tiny config here: {exc}")
+    # Only a missing backbone skips: a songunet that fails to build is a failure of this test.
+    config = cls.config_class(channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(), shakedrop=True, phi=0.25)
+    backbone = cls.build(config, DataSpec((1, 8, 8)))
     method = make_method(registries, "euler")
     method.build_student(backbone)
     assert method.state_dict()["prior_shakedrop"] == {"enabled": True, "phi": 0.25}

@@ -58,6 +58,31 @@ def test_checkpoint_loads_safely_and_restores_the_ema_model(tmp_path, capsys, re
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_the_checkpointed_ema_is_the_average_of_the_student_weights_it_saw(tmp_path, capsys):
+    """The EMA in the checkpoint, recomputed from the student weights saved after every step:
+    update 0 copies the student, update n >= 1 keeps decay d_n = min(0.9, (1 + n) / (10 + n))."""
+    from distillkit.trained import load_trained_model
+    from distillkit.training.checkpoint import load_checkpoint
+
+    assert main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "5", "--no-track", "--quiet",
+                 "--checkpoint-every", "1", "--set", "train.keep_last=10", "--set", "train.ema_decay=[0.9]", "--lr", "0.02",
+                 "--runs-dir", str(tmp_path), *SMALL_EVAL]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    students = [load_checkpoint(run_dir / "checkpoints" / f"step-{s:08d}.pt")["student"] for s in range(1, 6)]
+    expected = {k: v.double() for k, v in students[0].items()}
+    for n in range(1, 5):
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = {k: decay * expected[k] + (1 - decay) * students[n][k].double() for k in expected}
+    payload = load_checkpoint(run_dir / "checkpoint.pt")
+    for key, value in expected.items():
+        assert torch.allclose(payload["ema"][key].double(), value, rtol=0, atol=1e-6), key
+    # The average lags the online weights: a checkpoint saving the student as its EMA is caught.
+    assert max((payload["ema"][k] - payload["student"][k]).abs().max() for k in expected) > 1e-4
+    restored = load_trained_model(run_dir / "checkpoint.pt", weights="ema")
+    for key, value in restored.model.state_dict().items():
+        assert torch.allclose(value.double(), expected[key], rtol=0, atol=1e-6), key
+
+
 def test_corrupted_checkpoint_is_a_usage_error(tmp_path):
     from distillkit.errors import UsageError
     from distillkit.training.checkpoint import load_checkpoint, save_atomic
@@ -79,3 +104,32 @@ def test_flow_matching_learns_the_toy_mixture(tmp_path, capsys):
 
     untrained, trained = energy_at_8(1), energy_at_8(400)
     assert trained < 0.05 and trained < untrained / 4
+
+
+def test_a_run_reports_its_eta_and_its_evaluation_as_it_goes(tmp_path, capsys):
+    assert main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "20", "--batch-size", "16", "--no-track",
+                 "--runs-dir", str(tmp_path), "--nfe", "1,2", *SMALL_EVAL]) == 0
+    err = capsys.readouterr().err.splitlines()
+    eta = [line for line in err if line.startswith("distillkit: ETA ")]
+    assert len(eta) == 1 and "training ~" in eta[0] and "evaluation ~" in eta[0], err
+    started = next(i for i, line in enumerate(err) if line.startswith("distillkit: training done; end-of-run evaluation"))
+    assert err.index(eta[0]) < started
+    assert [line.split(":")[0].strip() for line in err[started:] if line.startswith("  NFE ")] == ["NFE 1", "NFE 2"]
+
+
+def test_the_end_of_run_samples_png_labels_each_nfe_like_distillkit_sample(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    assert main(["run", "--method", "fm", "--dataset", "digits", "--max-steps", "2", "--batch-size", "16", "--no-track",
+                 "--quiet", "--runs-dir", str(tmp_path), "--nfe", "1,2", *SMALL_EVAL]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    pixels = np.asarray(Image.open(run_dir / "samples.png").convert("L"))
+    # image_grid's layout: a 64-pixel white margin on the left holding the "NFE k" labels (text
+    # near its left edge only), the images to its right.
+    margin = pixels[:, :64]
+    assert (margin[:, 44:] == 255).all()
+    text_rows = np.flatnonzero((margin[:, :44] < 128).any(axis=1))
+    assert len(text_rows) > 0 and text_rows.min() < 20  # the first label, at the top
+    assert (text_rows > pixels.shape[0] // 2).any()  # the second label, in the lower block
+    assert (pixels[:, 64:] < 128).any()

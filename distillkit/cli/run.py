@@ -7,12 +7,14 @@ Parsing and printing only; starting, resuming and finishing the run is
 from __future__ import annotations
 
 import argparse
+import sys
 
 import tomli_w
 
 from ..training.launch import config_identity  # noqa: F401  (re-exported: ``distillkit.cli.run.config_identity``)
 from ..arguments import parse_positive
 from ..export import parse_formats
+from ..training.interruption import TrainingInterrupted
 from ..training.launch import launch, resume_newest, start_run
 from ..tracking import ui_command, ui_url
 
@@ -46,7 +48,12 @@ def run_command(args: argparse.Namespace, tree: dict) -> int:
             # Restarting a command whose run already finished must not train it a second time.
             print(f"the newest run of this configuration has already finished: {start.resume_path.parent}")
             return 0
-    launched = launch(start, track=not args.no_track, progress=not args.quiet, export=export, export_nfe=export_nfe)
+    try:
+        launched = launch(start, track=not args.no_track, progress=not args.quiet, export=export,
+                          export_nfe=export_nfe)
+    except TrainingInterrupted as exc:
+        print(f"distillkit: {exc}", file=sys.stderr)
+        return exc.exit_code
     if launched.training is not None:
         _report(start, launched)
     return 0
@@ -66,6 +73,11 @@ def _report(start, launched) -> None:
           f"ode_error: RMS distance to a {config.sample.reference_steps}-step "
           f"{config.sample.reference_integrator} solve):")
     print(result.evaluation.table())
+    if result.skipped_steps:
+        steps = result.skipped_steps
+        shown = ", ".join(map(str, steps[:20])) + (f", ... ({len(steps) - 20} more)" if len(steps) > 20 else "")
+        print(f"skipped {len(steps)} non-finite step{'s' if len(steps) > 1 else ''} (train.nonfinite=skip): "
+              f"step{'s' if len(steps) > 1 else ''} {shown}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.sample_figure}")
     for exported in launched.exports:

@@ -9,7 +9,7 @@ with its defaults, so the numbers agree.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import attrs
 import torch
@@ -70,12 +70,18 @@ def _as_evaluation(evaluator: Evaluator) -> Evaluation:
     return Evaluation(rows=rows, samples=result.samples, sampler=result.sampler, signatures=result.signatures)
 
 
-def end_of_run(method, network: torch.nn.Module, dataset: Dataset, resolved, device: torch.device | str) -> Evaluation:
+def end_of_run(method, network: torch.nn.Module, dataset: Dataset, resolved, device: torch.device | str,
+               log: Optional[Callable[[str], None]] = None) -> Evaluation:
     """The quality of ``network`` (the EMA sampling network, in eval mode) at every ``sample.nfe``
-    with the run's own sampler and grid; the table names the sampler."""
+    with the run's own sampler and grid; the table names the sampler. ``log``: progress lines
+    (what is evaluated, then one per NFE as it is done); None: silent."""
+    sample = resolved.config.sample
+    if log is not None:  # the reference data and statistics come first, and may take a while
+        log(f"distillkit: training done; end-of-run evaluation at NFE {','.join(map(str, sample.nfe))} "
+            f"with {sample.num_samples} samples (preparing the reference first)")
     subject = of_network(method, network, resolved, dataset=dataset, spec=dataset.spec)
-    evaluator = Evaluator(subject, _end_of_run_settings(resolved.config.sample, dataset.spec), device=device,
-                          sampling=SamplingChoice(resolved.sampler, resolved.grid), log=None)
+    evaluator = Evaluator(subject, _end_of_run_settings(sample, dataset.spec), device=device,
+                          sampling=SamplingChoice(resolved.sampler, resolved.grid), log=log)
     return _as_evaluation(evaluator)
 
 

@@ -130,3 +130,25 @@ def _load_safetensors(path: Path, map_location: str | torch.device) -> Any:
     if _SAFETENSORS_KEY not in metadata:
         raise UsageError(f"{path} is not a distillkit checkpoint")
     return _decode(json.loads(metadata[_SAFETENSORS_KEY]), tensors)
+
+
+#: what resuming a run reads from its checkpoint (``TrainingState.load_state_dict``, the RNG
+#: states, the data positions); a version-1 checkpoint has ``optimizer``/``scheduler`` only.
+RESUME_KEYS = ("config", "data_spec", "student", "ema_state", "scaler", "method", "step", "rng", "data")
+#: what sampling, evaluating or distilling a trained model reads.
+MODEL_KEYS = ("config", "data_spec", "step")
+
+
+def require_keys(payload: dict[str, Any], path: str | Path, keys: tuple[str, ...], purpose: str) -> None:
+    """A one-line ``UsageError`` when ``payload`` lacks one of ``keys`` (a truncated or foreign file
+    that still says it is a distillkit checkpoint); ``RESUME_KEYS`` also need an optimizer and a
+    schedule (under the name of either version)."""
+    missing = [key for key in keys if key not in payload]
+    if keys == RESUME_KEYS:
+        missing += [old for old, new in (("optimizer", "optimizers"), ("scheduler", "schedulers"))
+                    if old not in payload and new not in payload]
+    if missing:
+        raise UsageError(f"checkpoint {path} is incomplete: it has no {', '.join(repr(k) for k in missing)}, "
+                         f"which {purpose} needs (is it a checkpoint distillkit wrote?)")
+    if not isinstance(payload.get("config"), dict):
+        raise UsageError(f"checkpoint {path} is incomplete: its 'config' is not a run configuration")

@@ -43,6 +43,15 @@ class Distributed:
         dist.all_reduce(tensor)
         return {k: float(v) / self.world_size for k, v in zip(keys, tensor.tolist())}
 
+    def any(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each flag true on every rank when it is true on any (one small all-reduce): decisions
+        such as "checkpoint now" or "stop now" that every rank must take at the same step."""
+        if not self.enabled:
+            return list(flags)
+        tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in tensor.tolist()]
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order (on every rank)."""
         if not self.enabled:

@@ -26,8 +26,8 @@ from ..resolve import Resolved, resolve
 #: Options that may differ when a run is resumed: where and how it runs, not what it trains.
 RESUMABLE = {
     "runs_dir", "tracking_uri", "device", "experiment", "data_root",
-    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.keep_every",
-    "train.sample_every", "train.checkpoint_format",
+    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_last",
+    "train.keep_every", "train.sample_every", "train.checkpoint_format",
 }
 
 
@@ -41,11 +41,13 @@ def find_resume(reference: str, runs_dir: Path, identity: str) -> Optional[Path]
     """The checkpoint to resume: a file, a run id / run folder name, or ``auto`` (the newest
     checkpoint under ``runs_dir`` of a run whose config has ``identity``; None if there is none)."""
     if reference == "auto":
-        from .checkpoint import load_checkpoint
+        from .checkpoint import RESUME_KEYS, load_checkpoint, require_keys
 
         candidates = sorted((runs_dir / "runs").glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
         for path in candidates:  # newest first: a finished run of this config is returned too
-            if config_identity(load_checkpoint(path)["config"]) == identity:
+            payload = load_checkpoint(path)
+            require_keys(payload, path, RESUME_KEYS, "--resume auto")
+            if config_identity(payload["config"]) == identity:
                 return path
         return None
     path = Path(reference).expanduser()
@@ -81,6 +83,9 @@ class RunStart:
     resume_path: Optional[Path] = None
     resume_payload: Optional[dict[str, Any]] = None
     finished: bool = False
+    #: run folders of this config that died before their first checkpoint (``--resume auto``
+    #: supersedes them: ``orphans.supersede``)
+    orphans: tuple = ()
 
 
 def start_run(tree: dict, resume: Optional[str] = None) -> RunStart:
@@ -90,11 +95,12 @@ def start_run(tree: dict, resume: Optional[str] = None) -> RunStart:
     from ..plugin_manager import get_registries
 
     if resume and resume != "auto":
-        from .checkpoint import load_checkpoint
+        from .checkpoint import RESUME_KEYS, load_checkpoint, require_keys
 
         runs_dir = default_runs_dir(run_config_from_dict({k: v for k, v in tree.items() if k == "runs_dir"}))
         path = find_resume(resume, runs_dir, "")
         payload = load_checkpoint(path)
+        require_keys(payload, path, RESUME_KEYS, "--resume")
         return RunStart(resolve(resumed_config(payload, tree), get_registries()), path, payload)
     return RunStart(resolve(run_config_from_dict(tree), get_registries()))
 
@@ -105,8 +111,12 @@ def resume_newest(start: RunStart) -> RunStart:
     from .checkpoint import load_checkpoint
     from .trainer import FINISHED_MARKER
 
+    from .orphans import find_orphans
+
     resolved = start.resolved
-    path = find_resume("auto", default_runs_dir(resolved.config), config_identity(resolved.to_dict()))
+    runs_dir, identity = default_runs_dir(resolved.config), config_identity(resolved.to_dict())
+    start = attrs.evolve(start, orphans=tuple(find_orphans(runs_dir, identity)))
+    path = find_resume("auto", runs_dir, identity)
     if path is None:
         return start
     if (path.parent / FINISHED_MARKER).exists():
@@ -116,12 +126,59 @@ def resume_newest(start: RunStart) -> RunStart:
 
 @contextlib.contextmanager
 def finished_on_failure(tracker) -> Iterator[Any]:
-    """An exception inside ends the tracker's run as KILLED (Ctrl-C) or FAILED, and goes on."""
+    """An exception inside ends the tracker's run as KILLED (Ctrl-C, SIGTERM) or FAILED, and goes on."""
     try:
         yield tracker
     except BaseException as exc:
-        tracker.finish("KILLED" if type(exc) is KeyboardInterrupt else "FAILED")
+        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def _record_run(start: RunStart, output_dir: Path, run_id: Optional[str], tracking_uri: str) -> None:
+    """Write the run folder's ``run.json`` and supersede the orphans ``--resume auto`` found."""
+    from .orphans import supersede, write_marker
+
+    write_marker(output_dir, config_identity(start.resolved.to_dict()), run_id, tracking_uri)
+    for orphan in start.orphans:
+        if orphan != output_dir:
+            supersede(orphan, f"run {run_id}" if run_id else f"the untracked run in {output_dir}")
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_failure(output_dir: Path) -> Iterator[None]:
+    """A full disk (or quota) while training ends the run with one line naming the checkpoint kept
+    (an atomic write leaves the previous one whole)."""
+    import errno
+
+    from ..errors import TrainingFailed
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        latest = output_dir / "checkpoint.pt"
+        kept = f"the last checkpoint, {latest}, is kept" if latest.is_file() else "no checkpoint had been written yet"
+        where = f" writing {exc.filename}" if exc.filename else ""
+        raise TrainingFailed(f"no space left on the device{where} ({exc.strerror or exc}); {kept}; "
+                             f"free some space and resume with --resume auto") from None
+
+
+@contextlib.contextmanager
+def _reported_interruption(output_dir: Path, max_steps: int, tracked: bool) -> Iterator[None]:
+    """Every interruption leaves as a ``TrainingInterrupted`` that names what was saved and the
+    command that resumes it."""
+    from .interruption import TrainingInterrupted, interrupted_on_disk
+
+    try:
+        yield
+    except TrainingInterrupted as exc:
+        exc.tracked = tracked
+        raise
+    except KeyboardInterrupt:
+        interrupted = interrupted_on_disk(output_dir, max_steps)
+        interrupted.tracked = tracked
+        raise interrupted from None
 
 
 def load_run_teacher(resolved: Resolved, spec, device, *, runs_dir: Path, tracking_uri: str):
@@ -136,6 +193,39 @@ def load_run_teacher(resolved: Resolved, spec, device, *, runs_dir: Path, tracki
     context = TeacherContext(data=spec, dataset_name=config.dataset, dataset_config=resolved.dataset_config,
                              device=device, runs_dir=str(runs_dir), tracking_uri=tracking_uri)
     return load_teacher(config.teacher, get_registries(), context)
+
+
+def check_resume_step(payload: dict, path: Path, max_steps: int) -> None:
+    """A checkpoint past ``train.max_steps`` cannot be continued to it."""
+    step = int(payload["step"])
+    if step > max_steps:
+        raise ConfigError("train.max_steps", max_steps, f"at least the step of the checkpoint resumed, {step} "
+                          f"({path}); pass --max-steps {step} or more")
+
+
+def check_weights_fit(resolved: Resolved, spec, teacher, payload: dict, path: Path) -> None:
+    """The checkpoint's weights have the keys and shapes of the networks its config builds (checked
+    on the CPU, before a run is reopened or anything is written)."""
+    import torch
+
+    from ..errors import UsageError
+    from .build import build_networks
+
+    method, networks = build_networks(resolved, spec, torch.device("cpu"), seed=0, teacher=teacher)
+    saved = {method.sampling_network: payload["student"], **payload.get("networks", {})}
+    for name, module in networks.items():
+        if name not in saved:
+            raise UsageError(f"checkpoint {path} has no weights for the network {name!r} of method {resolved.config.method}")
+        wanted, found = module.state_dict(), saved[name]
+        for key, tensor in wanted.items():
+            if key not in found or not hasattr(found[key], "shape") or tuple(found[key].shape) != tuple(tensor.shape):
+                got = tuple(found[key].shape) if key in found and hasattr(found[key], "shape") else "missing"
+                raise UsageError(f"checkpoint {path} does not fit the network its config builds: {name}.{key} "
+                                 f"is {got}, the network needs {tuple(tensor.shape)}")
+        extra = sorted(set(found) - set(wanted))
+        if extra:
+            raise UsageError(f"checkpoint {path} does not fit the network its config builds: {name}.{extra[0]} "
+                             f"is not a weight of that network")
 
 
 @attrs.frozen
@@ -173,6 +263,8 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True, export
     from .trainer import train
 
     resolved, config = start.resolved, start.resolved.config
+    if start.resume_payload is not None:
+        check_resume_step(start.resume_payload, start.resume_path, config.train.max_steps)
     if export:
         export_nfe = export_nfe_for(resolved, export_nfe)
     check_device_available(config.device)
@@ -184,6 +276,8 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True, export
         # Data and teacher first: a missing file must stop the run before anything is created.
         dataset = build_dataset(resolved)
         teacher = load_run_teacher(resolved, dataset.spec, device, runs_dir=runs_dir, tracking_uri=config.tracking_uri)
+        if start.resume_payload is not None:
+            check_weights_fit(resolved, dataset.spec, teacher, start.resume_payload, start.resume_path)
         if distributed.is_main:
             check_writable(runs_dir)
 
@@ -202,7 +296,10 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True, export
         else:
             name = tracker.run_id or datetime.datetime.now().strftime("untracked-%Y%m%d-%H%M%S-%f")
             output_dir = runs_dir / "runs" / distributed.broadcast(name)
-        with finished_on_failure(tracker):
+        with finished_on_failure(tracker), _reported_interruption(output_dir, config.train.max_steps, track), \
+                _disk_full_is_a_failure(output_dir):
+            if distributed.is_main:
+                _record_run(start, output_dir, tracker.run_id, tracking_uri)
             result = train(resolved, tracker, output_dir, dataset=dataset, teacher=teacher,
                            resume=start.resume_payload, distributed=distributed, device=device, progress=progress)
         tracker.finish("FINISHED")

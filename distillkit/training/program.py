@@ -95,6 +95,20 @@ class TrainingState:
         self.sampling = method.sampling_network
         self.step = 0
         self.skipped = 0
+        self.skipped_at: list[int] = []  # the (1-based) steps whose updates were skipped, for the report
+        #: (step, largest |weight| after it) not yet read back from the device: the weights check
+        #: of a step rides on the next step's one wait (or is read before a checkpoint).
+        self.pending_weights: Optional[tuple[int, torch.Tensor]] = None
+        self._weights: Optional[list[torch.Tensor]] = None
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """Every trained and averaged weight tensor (walked once: a large network has thousands
+        of modules; the tensors are updated in place)."""
+        if self._weights is None:
+            self._weights = [p.detach() for n in self.networks.values() for p in n.parameters]
+            self._weights += [p.detach() for n in self.networks.values() for ema in n.emas.values()
+                              for p in ema.module.parameters()]
+        return self._weights
 
     @property
     def student(self) -> Network:
@@ -126,7 +140,7 @@ class TrainingState:
             "optimizer": optimizers[self.sampling], "scheduler": schedulers[self.sampling],
             "optimizers": optimizers, "schedulers": schedulers,
             "scaler": self.scaler.state_dict(), "method": self.method.state_dict(),
-            "step": self.step, "skipped_steps": self.skipped,
+            "step": self.step, "skipped_steps": self.skipped, "skipped_at": list(self.skipped_at),
         }
         others = self.others()
         if others:
@@ -154,6 +168,7 @@ class TrainingState:
         self.method.load_state_dict(payload["method"])
         self.step = int(payload["step"])
         self.skipped = int(payload.get("skipped_steps", 0))
+        self.skipped_at = [int(step) for step in payload.get("skipped_at", [])]
 
 
 def build_state(method: Method, modules: dict[str, nn.Module], cfg: TrainConfig, *, distributed: Distributed,

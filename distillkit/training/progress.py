@@ -79,3 +79,43 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+class RunEta:
+    """One line, early in training, with the time the whole run should take: the training steps
+    left at the rate of the ten steps after the first (which pays for warm-up), and the end-of-run
+    evaluation from the same rate, counted in network calls: a training step makes ``step_calls``
+    forward-equivalent calls (a backward pass counts as two), the evaluation ``eval_calls``
+    (batches of samples x (the NFEs + the reference solve)). A rough guide: a large evaluation
+    batch costs more than a training one on a busy accelerator, and metrics that run networks of
+    their own (FID's Inception) are not counted."""
+
+    MEASURED_STEPS = 10
+
+    def __init__(self, start: int, total: int, step_calls: float, eval_calls: float, enabled: bool, log):
+        self.start, self.total = start, total
+        self.step_calls, self.eval_calls = max(step_calls, 1.0), eval_calls
+        self.enabled = enabled and total - start > 2
+        self.log = log
+        self.first_done: float = 0.0
+
+    def update(self, step: int) -> None:
+        if not self.enabled:
+            return
+        measured_until = min(self.total, self.start + 1 + self.MEASURED_STEPS)
+        if step == self.start + 1:
+            self.first_done = time.perf_counter()
+        elif step == measured_until:
+            per_step = (time.perf_counter() - self.first_done) / (step - self.start - 1)
+            training = per_step * (self.total - step)
+            evaluation = per_step / self.step_calls * self.eval_calls
+            self.log(f"distillkit: ETA {_duration(training + evaluation)} for the rest of the run: training "
+                     f"~{_duration(training)} ({per_step * 1000:.0f} ms/step), evaluation ~{_duration(evaluation)}")
+            self.enabled = False

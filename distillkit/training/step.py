@@ -9,6 +9,11 @@ multi-update step must step before the next update's loss (which sees their resu
   non-finite update stops the run, whose last checkpoint is untouched;
 - ``nonfinite=skip``: each of them is read back before it steps (one more wait per update), so
   that a non-finite one is skipped and nothing it would have changed is.
+
+The weights themselves are checked too: after a step's updates the largest |weight| of every
+network and EMA is computed on the device (``weights_magnitude``) and read back in the next
+step's wait (the trainer reads it at once before a checkpoint and at the end: ``check_weights``).
+Non-finite weights stop the run under either setting: nothing can skip an update already applied.
 """
 
 from __future__ import annotations
@@ -149,15 +154,47 @@ def _backward(setup: StepSetup, state: TrainingState, update: Update, index: int
                          {k: sum(v) / accumulate for k, v in device_metrics.items()}, host_metrics)
 
 
-def _read_back(outcomes: list[UpdateOutcome]) -> None:
-    """One wait for the device: every value not yet read, stacked into one tensor."""
+def weights_magnitude(state: TrainingState) -> torch.Tensor:
+    """The largest |weight| over every network and EMA, on the device (no wait): finite exactly
+    when every weight is. One fused pass (``get_total_norm`` with the max norm), which NaN and
+    inf propagate through."""
+    return torch.nn.utils.get_total_norm(state.weight_tensors(), norm_type=math.inf)
+
+
+def weights_failure(step: int, magnitude: float, checkpoint: str) -> TrainingFailed:
+    return TrainingFailed(f"non-finite weights after the update of step {step} (largest |weight| {magnitude}); "
+                          f"the last good checkpoint is {checkpoint}; lower the learning rate or clip the gradient "
+                          f"harder (train.grad_clip)")
+
+
+def check_weights(state: TrainingState, checkpoint: Callable[[], str]) -> None:
+    """Read the pending weights check now (before a checkpoint, at the end of training)."""
+    if state.pending_weights is not None:
+        step, magnitude = state.pending_weights
+        state.pending_weights = None
+        value = float(magnitude)
+        if not math.isfinite(value):
+            raise weights_failure(step, value, checkpoint())
+
+
+def _read_back(outcomes: list[UpdateOutcome], state: Optional[TrainingState] = None,
+               checkpoint: Callable[[], str] = str) -> None:
+    """One wait for the device: every value not yet read, stacked into one tensor, with the
+    previous step's weights check (``state.pending_weights``), which fails first: a non-finite
+    loss after non-finite weights is a consequence, not the cause."""
     pending = [o for o in outcomes if o.values is None]
     if not pending:
         return
     here = pending[0].loss.device
     rows = [[o.loss, o.grad_norm.detach().float().to(here), *(v.to(here) for v in o.device_metrics.values())]
             for o in pending]
-    flat = torch.stack([value for row in rows for value in row]).tolist()
+    weights = state.pending_weights if state is not None else None
+    extra = [weights[1].detach().float().to(here)] if weights is not None else []
+    flat = torch.stack([value for row in rows for value in row] + extra).tolist()
+    if weights is not None:
+        state.pending_weights = None
+        if not math.isfinite(flat[-1]):
+            raise weights_failure(weights[0], flat[-1], checkpoint())
     for outcome, row in zip(pending, rows):
         outcome.values, flat = flat[:len(row)], flat[len(row):]
 
@@ -184,8 +221,10 @@ def _apply(state: TrainingState, outcome: UpdateOutcome) -> None:
     outcome.applied = True
 
 
-def _skip(state: TrainingState, outcome: UpdateOutcome) -> None:
+def _skip(state: TrainingState, outcome: UpdateOutcome, done: int) -> None:
     state.skipped += 1
+    if not state.skipped_at or state.skipped_at[-1] != done:
+        state.skipped_at.append(done)
     for name in outcome.update.networks:
         state.networks[name].optimizer.zero_grad(set_to_none=True)
 
@@ -205,20 +244,20 @@ def run_step(setup: StepSetup, state: TrainingState, batch: Batch, step: int, *,
         last = index == len(plan) - 1
         if last:
             before_wait()
-            _read_back(outcomes)
+            _read_back(outcomes, state, checkpoint)
             if cfg.nonfinite == "stop":
                 for earlier in outcomes:
                     if not _finite(earlier, cfg.precision):
                         raise _stop(earlier, done, checkpoint(), setup.per_update_keys)
         elif cfg.nonfinite == "skip":
-            _read_back([outcome])
+            _read_back([outcome], state, checkpoint)
         else:
             _apply(state, outcome)  # checked in the step's one wait, with the others
             continue
         if _finite(outcome, cfg.precision):
             _apply(state, outcome)
         else:
-            _skip(state, outcome)
+            _skip(state, outcome, done)
     if len(state.networks) > 1:
         for network in state.networks.values():
             network.set_trainable(True)
@@ -230,6 +269,9 @@ def run_step(setup: StepSetup, state: TrainingState, batch: Batch, step: int, *,
             for ema in network.emas.values():
                 ema.update_parameters(network.module)
         state.method.after_step(state.student.module, step)
+        # Checked in the next step's wait (or before the next checkpoint): the updates of this
+        # step may have made a weight non-finite even with a finite loss and gradient.
+        state.pending_weights = (done, weights_magnitude(state))
     state.step = done
     return StepResult(_metrics(setup, outcomes), _sampling_loss(state, outcomes), applied)
 

@@ -23,8 +23,9 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from ..config import flatten
 from ..contracts import Batch, Dataset, Method, PrepareContext, Teacher
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..evaluation import Evaluation, class_labels, end_of_run, sample_grid, save_sample_figure
+from ..evaluation.figures import save_png
 from ..resolve import Resolved
 from ..sampling import prior_noise
 from ..trained import CONVENTION
@@ -33,9 +34,10 @@ from .build import Components, build_dataset, build_networks, count_parameters, 
 from .checkpointer import Checkpointer
 from .distributed import Distributed
 from .program import TrainingState, build_state
-from .progress import MetricWindow, Progress, peak_memory_mb
+from .progress import MetricWindow, Progress, RunEta, peak_memory_mb
 from .state import EpochBatches, restore_rng
-from .step import StepSetup, micro_batch_seed, run_step  # noqa: F401  (micro_batch_seed: public)
+from .interruption import CheckpointClock, StopRequests, TrainingInterrupted
+from .step import StepSetup, check_weights, micro_batch_seed, run_step  # noqa: F401  (micro_batch_seed: public)
 
 # torchdata 0.11 calls a deprecated torch API on every loader; the warning means nothing to users.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -54,6 +56,8 @@ class RunResult:
     final_loss: float
     images_per_second: float
     resumed_from_step: int = 0
+    #: the steps whose updates ``train.nonfinite=skip`` skipped (1-based), over the whole run
+    skipped_steps: tuple = ()
 
 
 def _set_matmul_precision(precision: str) -> None:
@@ -137,14 +141,32 @@ def _sample_grid(resolved: Resolved, method: Method, weights: torch.nn.Module, s
     tracker.log_image(path, key="samples/train", step=step)
 
 
+def _run_eta(resolved: Resolved, method: Method, start_step: int, enabled: bool, log) -> RunEta:
+    import math
+
+    from ..plugin_manager import get_registries
+    from ..sampling import DEFAULT_BATCH
+
+    sample = resolved.config.sample
+    evals = method.network_evals_per_step()
+    step_calls = 3 * evals["with_grad"] + evals["no_grad"] + 3 * evals.get("jvp", 0)
+    reference = get_registries().integrators.get(sample.reference_integrator)
+    stages = getattr(reference, "stages", 1)
+    eval_calls = math.ceil(sample.num_samples / DEFAULT_BATCH) * (sum(sample.nfe) + sample.reference_steps * stages)
+    return RunEta(start_step, resolved.config.train.max_steps, step_calls, eval_calls, enabled, log)
+
+
 def _end_of_run_evaluation(resolved: Resolved, method: Method, weights: torch.nn.Module, dataset: Dataset,
-                           device: torch.device, tracker: Tracker, output_dir: Path) -> tuple[Evaluation, Path]:
-    """The quality of ``weights`` at every ``sample.nfe``, logged; the samples saved as a figure."""
+                           device: torch.device, tracker: Tracker, output_dir: Path,
+                           log: Optional[Callable[[str], None]] = None) -> tuple[Evaluation, Path]:
+    """The quality of ``weights`` at every ``sample.nfe``, logged (a line per NFE on ``log``); the
+    samples saved as the figure ``distillkit sample`` draws (labelled by NFE)."""
     config = resolved.config
     weights.eval()
-    evaluation = end_of_run(method, weights, dataset, resolved, device)
+    evaluation = end_of_run(method, weights, dataset, resolved, device, log=log)
     tracker.log_metrics(evaluation.metrics(), step=config.train.max_steps)
-    figure = save_sample_figure(evaluation.samples, dataset.spec, output_dir / "samples.png")
+    figure = output_dir / "samples.png"
+    save_png(evaluation.samples, dataset.spec, figure)
     tracker.log_artifact(figure, "samples")
     return evaluation, figure
 
@@ -208,9 +230,13 @@ def train(
 
     if resume is not None:
         checkpointer.remove_leftovers()
-        state.load_state_dict(resume)
-        batches.load_state_dict(resume["data"][distributed.rank])
-        restore_rng(resume["rng"][distributed.rank])
+        try:
+            state.load_state_dict(resume)
+            batches.load_state_dict(resume["data"][distributed.rank])
+            restore_rng(resume["rng"][distributed.rank])
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:  # a foreign or damaged file
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UsageError(f"the checkpoint resumed does not fit this run ({type(exc).__name__}: {first})") from None
     start_step = state.step
     if start_step == 0:
         _log_start(resolved, tracker, parts, state, teacher)
@@ -225,42 +251,57 @@ def train(
     final_loss = float("nan")
     checkpoint = checkpointer.latest
     prefetched: Optional[Batch] = None
-    for step in range(start_step, cfg.max_steps):
-        batch = _on_device(prefetched if prefetched is not None else next(batches), device, image_model)
-        prefetched = None
-        done = step + 1
-        checkpoint_due = bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps
+    clock = CheckpointClock(cfg.checkpoint_minutes)
+    eta = _run_eta(resolved, method, start_step, progress and distributed.is_main, log)
+    with StopRequests() as stops:
+        for step in range(start_step, cfg.max_steps):
+            batch = _on_device(prefetched if prefetched is not None else next(batches), device, image_model)
+            prefetched = None
+            done = step + 1
+            # Every rank must checkpoint (and stop) at the same step: the decisions are agreed on.
+            by_time, stop = distributed.any([clock.due(), stops.requested], device)
+            checkpoint_due = (bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or by_time or stop
+                              or done == cfg.max_steps)
 
-        def prefetch() -> None:
-            nonlocal prefetched
-            # The next batch is collated while the device still works on this step. Never before a
-            # checkpoint: the data position saved there must be the one after this step.
-            if not checkpoint_due and not method.data_changes_after_step:
-                prefetched = next(batches)
+            def prefetch() -> None:
+                nonlocal prefetched
+                # The next batch is collated while the device still works on this step. Never before a
+                # checkpoint: the data position saved there must be the one after this step.
+                if not checkpoint_due and not method.data_changes_after_step:
+                    prefetched = next(batches)
 
-        result = run_step(setup, state, batch, step, before_wait=prefetch, checkpoint=checkpointer.last_good)
-        final_loss = result.sampling_loss if result.sampling_loss is not None else final_loss
-        window.add(result.metrics)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
-        bar.update(done, final_loss, window.images_per_second)
-        if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
-            _sample_grid(resolved, method, state.sampling_weights(), spec, grid_inputs.noise, grid_inputs.labels,
-                         output_dir, tracker, done)
-        if checkpoint_due:
-            checkpoint = checkpointer.save(state, batches)
-        if on_step is not None:
-            on_step(done)
+            result = run_step(setup, state, batch, step, before_wait=prefetch, checkpoint=checkpointer.last_good)
+            final_loss = result.sampling_loss if result.sampling_loss is not None else final_loss
+            window.add(result.metrics)
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
+            bar.update(done, final_loss, window.images_per_second)
+            eta.update(done)
+            if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
+                _sample_grid(resolved, method, state.sampling_weights(), spec, grid_inputs.noise, grid_inputs.labels,
+                             output_dir, tracker, done)
+            if checkpoint_due:
+                check_weights(state, checkpointer.last_good)  # a checkpoint never holds non-finite weights
+                checkpoint = checkpointer.save(state, batches)
+                clock.reset()
+            if on_step is not None:
+                on_step(done)
+            if stop:
+                bar.close()
+                raise TrainingInterrupted(stops.signal_name, done, cfg.max_steps, checkpoint, done,
+                                          exit_code=128 + stops.received)
+    check_weights(state, checkpointer.last_good)  # the final model (resumed at max_steps: nothing pending)
     bar.close()
 
     images_per_second = window.images_per_second
     if not distributed.is_main:
         return RunResult(tracker.run_id, output_dir, checkpoint, None, None, final_loss, images_per_second, start_step)
     evaluation, figure = _end_of_run_evaluation(resolved, method, state.sampling_weights(), dataset, device,
-                                                tracker, output_dir)
+                                                tracker, output_dir, log=log if progress else None)
     # Written last: a run without it (killed during the evaluation, say) is resumed by --resume auto.
     (output_dir / FINISHED_MARKER).write_text(json.dumps(evaluation.metrics(), indent=2))
-    return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step)
+    return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step,
+                     skipped_steps=tuple(state.skipped_at))
 
 
 def _on_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:

@@ -109,6 +109,11 @@ class _WriteErrors:
     def flush(self) -> None:
         self.stream.flush()
 
+    @property
+    def name(self) -> str:
+        """The file's path, as the wrapped stream has it (for callers that name what they write)."""
+        return self.stream.name
+
 
 # ------------------------------------------------------------------------------------------------
 # generated once, cached with an identity check

@@ -62,7 +62,7 @@ def test_an_unknown_prefix_does_not_create_a_store(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_short_ids_work_for_resume_sample_and_teacher(tmp_path, capsys):
+def test_short_ids_work_for_resume_sample_export_and_teacher(tmp_path, capsys):
     import distillkit
     from distillkit.cli.main import main
 
@@ -79,5 +79,8 @@ def test_short_ids_work_for_resume_sample_and_teacher(tmp_path, capsys):
     assert (tmp_path / "grid.png").is_file()
     path, identity = distillkit.find_checkpoint(short, runs_dir=tmp_path)
     assert path == run_dir.resolve() / "checkpoint.pt" and identity == f"run:{run_dir.name}"
+    assert main(["export", "--run", short, "--runs-dir", str(tmp_path), "--nfe", "1", "--format", "safetensors",
+                 "--out", str(tmp_path / "generator.safetensors"), "--no-log"]) == 0
+    assert distillkit.load_generator(tmp_path / "generator.safetensors").info["run_id"] == run_dir.name
     assert main(["eval", "--run", "ffff" + short, "--runs-dir", str(tmp_path), "--no-log"]) == 2
     assert "no run id starts with" in capsys.readouterr().err

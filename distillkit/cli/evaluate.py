@@ -71,13 +71,7 @@ def command(args: argparse.Namespace) -> int:
 
     nfes = parse_nfe(args.nfe)
     requested = parse_metrics(args.metric) if args.metric else None
-    from ..run_ids import expand_run_id
-    from ..tracking import check_reachable
-
-    if args.tracking_uri:  # a malformed or unusable store: one line at once, not MLflow's retries
-        check_reachable(args.tracking_uri)
-    run = expand_run_id(args.run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, option="--run")
-    opened = open_run(run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, weights=args.weights,
+    opened = open_run(args.run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, weights=args.weights,
                       device=args.device)
     trained = opened.trained
     if not args.no_log:

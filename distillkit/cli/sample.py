@@ -69,13 +69,7 @@ def command(args: argparse.Namespace) -> int:
     batch_size = parse_positive(args.batch_size, "--batch-size")
     options = parse_options(args.overrides, ("sample.sampler_options", "sample.grid_options"))
     png, npz = output_paths(args.out)
-    from ..run_ids import expand_run_id
-    from ..tracking import check_reachable
-
-    if args.tracking_uri:  # a malformed or unusable store: one line at once, not MLflow's retries
-        check_reachable(args.tracking_uri)
-    run = expand_run_id(args.run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, option="--run")
-    opened = open_run(run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, weights=args.weights,
+    opened = open_run(args.run, runs_dir=args.runs_dir, tracking_uri=args.tracking_uri, weights=args.weights,
                       device=args.device)
     trained = opened.trained
     config = trained.resolved.config

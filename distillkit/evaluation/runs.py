@@ -39,8 +39,14 @@ def store_exists(uri: str) -> bool:
 def open_run(reference: str, *, runs_dir: str, tracking_uri: str, weights: str, device: str) -> OpenedRun:
     """Load a run's network: ``reference`` is a checkpoint file, a folder name under
     ``<runs_dir>/runs`` (tracked or ``--no-track`` runs), or an MLflow run id whose checkpoint is
-    then read from the run's artifacts. One-line ``UsageError`` when it is none of these."""
-    from ..tracking import resolve_tracking_uri
+    then read from the run's artifacts; a run id may be given as an unambiguous prefix (``compare``
+    prints 8 characters). One-line ``UsageError`` when it is none of these."""
+    from ..run_ids import expand_run_id
+    from ..tracking import check_reachable, resolve_tracking_uri
+
+    if tracking_uri:  # a malformed or unusable store: one line at once, not MLflow's retries
+        check_reachable(tracking_uri)
+    reference = expand_run_id(reference, runs_dir=runs_dir, tracking_uri=tracking_uri, option="--run")
     from ..trained import find_checkpoint, load_trained_model
     from ..training.checkpoint import load_checkpoint
 

@@ -39,6 +39,7 @@ from .numerics import (
     broadcast_time,
     combine_slopes,
     ema_update_,
+    generator_x0,
     rk_slopes,
     rk_step_per_sample,
     straight_path,
@@ -116,5 +117,6 @@ __all__ = [
     "save_atomic",
     "straight_path",
     "uniform_time",
+    "generator_x0",
     "write_atomic",
 ]

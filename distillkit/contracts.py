@@ -227,6 +227,17 @@ class SamplingModel:
 
         return cls(velocity=step_velocity, denoise=denoise)
 
+    @classmethod
+    def from_denoiser(cls, denoise_fn: DenoiseFn, t_floor: float = 1e-3) -> "SamplingModel":
+        """A denoiser (a one-step generator, x0 = denoise(x, t)): ``velocity`` is the one it implies,
+        (x - x0) / t, so that one Euler step from t to 0 lands on its sample; t is floored at
+        ``t_floor`` where the quotient would blow up."""
+
+        def step_velocity(x, t, t_next):
+            return (x - denoise_fn(x, t)) / t.clamp_min(t_floor).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+        return cls(velocity=step_velocity, denoise=denoise_fn)
+
     def provides(self) -> frozenset[str]:
         return frozenset(name for name in ("velocity", "denoise") if getattr(self, name) is not None)
 

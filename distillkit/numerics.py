@@ -199,3 +199,19 @@ class TargetNetwork:
             self.module.load_state_dict(state)
         else:
             self._pending = dict(state)  # applied by start()
+
+
+def generator_x0(network: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor,
+                 cond: Optional[torch.Tensor], generator_time: float) -> torch.Tensor:
+    """A one-step generator built on a velocity network (DMD2, SiD): the x0 estimate
+    x_in - tau * net(x_in, tau), so that a generator copied from the teacher starts as the
+    teacher's denoiser.
+
+    At t = 1 the state is pure noise eps; it is read as the state at ``generator_time`` t_g with
+    nothing of the data in it: x_in = t_g eps, tau = t_g (DMD2: EDM's sigma_max = 80,
+    t_g = 80/81; SiD: sigma_init = 2.5, t_g = 2.5/3.5). Below t = 1 (a k-step generator's later
+    steps) the state is read as it is, at its own time."""
+    top = t >= 1
+    tau = torch.where(top, torch.full_like(t, generator_time), t)
+    x_in = x * broadcast_time(torch.where(top, tau, torch.ones_like(t)), x)
+    return x_in - broadcast_time(tau, x) * network(x_in, tau, cond)

@@ -10,7 +10,6 @@ x ~ N(mu, s^2 I) and x_t = (1 - t) x + t eps,
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from distillkit.tracking import NullTracker
 from distillkit.training.build import build_model
 from distillkit.training.checkpoint import load_checkpoint
 from distillkit.training.trainer import train
+
+from crashing import Crash, crash_at
 
 
 def gaussian_slope(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -171,18 +172,6 @@ def assert_same(a, b, where="state"):
         assert torch.equal(a, b), f"{where} differs"
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def hook(done):
-        if done == step:
-            raise Crash(done)
-
-    return hook
 
 
 def assert_resume_is_bitwise(method: str, folder: Path, steps: int = 12, every: int = 4, crash: int = 6, **options):

@@ -19,6 +19,8 @@ from distillkit.tracking import NullTracker
 from distillkit.training.checkpoint import load_checkpoint, save_checkpoint
 from distillkit.training.trainer import train
 
+from crashing import Crash, crash_at as _crash_at
+
 # as tests/test_engine.py: two epoch boundaries, dropout (the global RNG matters), two EMAs
 TREE = {
     "method": "fm", "dataset": "toy2d", "seed": 3,
@@ -32,18 +34,6 @@ TREE = {
 def _resolved(checkpoint_format: str):
     tree = {**TREE, "train": {**TREE["train"], "checkpoint_format": checkpoint_format}}
     return resolve(run_config_from_dict(tree), distillkit.get_registries())
-
-
-class Crash(Exception):
-    pass
-
-
-def _crash_at(step):
-    def hook(done):
-        if done == step:
-            raise Crash(done)
-
-    return hook
 
 
 def _same(a, b, where="payload"):

@@ -15,6 +15,8 @@ from distillkit.teachers import load_teacher
 from distillkit_cud.sampling import one_step_sample
 from distillkit_cud.stage2 import dequantize, generate_trajectories, quantize
 
+from crashing import Crash, crash_at
+
 SMALL = ["--no-track", "--quiet", "--set", "sample.num_samples=32", "--set", "sample.reference_steps=2", "--nfe", "1"]
 
 
@@ -292,18 +294,6 @@ def test_a_seeded_run_is_reproducible(capsys, cud_rk2_toy2d_checkpoint, tmp_path
 
 # ------------------------------------------------------------------------------------------------
 # exact resume (the training engine restores method state with load_state_dict after prepare)
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def hook(done):
-        if done == step:
-            raise Crash(done)
-
-    return hook
 
 
 def resumed_equals_whole(tree, tmp_path, crash, teacher=None):

@@ -19,6 +19,8 @@ from distillkit.training.ema import ema_decay_at, halflife_decay_at, make_ema
 from distillkit.training.state import prune
 from distillkit.training.trainer import train
 
+from crashing import Crash, crash_at
+
 BIN = Path(sys.executable).parent
 
 # toy2d with 448 training points and batches of 64: 7 steps per epoch, so 16 steps cross two
@@ -32,20 +34,8 @@ TREE = {
 }
 
 
-class Crash(Exception):
-    pass
-
-
 def resolved(tree=TREE):
     return resolve(run_config_from_dict(tree), distillkit.get_registries())
-
-
-def crash_at(step):
-    def hook(done):
-        if done == step:
-            raise Crash(done)
-
-    return hook
 
 
 def assert_same_state(a: dict, b: dict):

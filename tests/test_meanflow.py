@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import distillkit
-from distillkit import Batch, DataSpec, MethodContext, SamplingModel
+from distillkit import Batch, DataSpec, MethodContext
 from distillkit.cli.main import main
 from distillkit.config import build_attrs
 from distillkit.resolve import build_sampler

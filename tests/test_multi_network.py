@@ -27,6 +27,8 @@ from distillkit.tracking import NullTracker
 from distillkit.training.checkpoint import load_checkpoint
 from distillkit.training.trainer import train
 
+from crashing import Crash, crash_at
+
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
 TINY_MLP = {"hidden": 16, "layers": 1, "time_embedding_dim": 8}
@@ -123,18 +125,6 @@ def tree(**train_options):
 
 def resolved(t):
     return resolve(run_config_from_dict(t), distillkit.get_registries())
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def hook(done):
-        if done == step:
-            raise Crash(done)
-
-    return hook
 
 
 def assert_same(a, b, where="state"):

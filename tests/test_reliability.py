@@ -114,9 +114,10 @@ def test_random_sigkills_then_resume_auto_end_with_the_uninterrupted_weights(tmp
     """Kill the same command at random moments and restart it with --resume auto until it finishes.
     The defaults decide when checkpoints are written (by the clock, train.checkpoint_minutes; no
     checkpoint_every), with the interval shortened through the config to 0.12 s, so that many kills
-    land in the middle of a write."""
+    land in the middle of a write. 1500 steps: clock checkpoints cost little, so a shorter run
+    finishes on a quiet machine before a second kill lands."""
     args = ["run", "--method", "fm", "--dataset", "toy2d", "--set", "dataset_options.train_size=320",
-            "--batch-size", "32", "--max-steps", "150", "--set", "train.checkpoint_minutes=0.002", "--no-track", *SMALL]
+            "--batch-size", "32", "--max-steps", "1500", "--set", "train.checkpoint_minutes=0.002", "--no-track", *SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     whole = subprocess.run([str(BIN / "distillkit"), *args, "--runs-dir", str(tmp_path / "whole")],
                            env=env, capture_output=True, text=True, timeout=300)
@@ -150,7 +151,7 @@ def test_random_sigkills_then_resume_auto_end_with_the_uninterrupted_weights(tmp
     assert finished, f"did not finish within the time budget after {kills} kills"
     assert kills >= 2, "the test should have interrupted the run several times"
     # Exactly one run: a kill after the run finished must not make --resume auto start another.
-    done = [p for p in killed_runs.glob("runs/*/checkpoint.pt") if load_checkpoint(p)["step"] == 150]
+    done = [p for p in killed_runs.glob("runs/*/checkpoint.pt") if load_checkpoint(p)["step"] == 1500]
     assert len(done) == 1
     a = load_checkpoint(next((tmp_path / "whole").glob("runs/*/checkpoint.pt")))
     b = load_checkpoint(done[0])

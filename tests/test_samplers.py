@@ -210,7 +210,7 @@ def test_a_run_defaults_to_its_methods_sampler_and_refuses_one_it_cannot_use():
 
     # every sampler that only needs a velocity is listed (the step-size samplers of meanflow and
     # shortcut read a plain velocity as an Euler step), never one that needs a denoiser
-    with pytest.raises(ConfigError, match="a sampler method velocity-only-test can use: cud-heun, .*ode") as refused:
+    with pytest.raises(ConfigError, match="a sampler method velocity-only-test can use: cud-heun, .*ode"):
         build_sampler(registries(), "consistency", {}, "euler", method_cls=VelocityOnly)
 
 

@@ -81,7 +81,7 @@ def _report(start, launched) -> None:
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.sample_figure}")
     for exported in launched.exports:
-        logged = f" (logged to the MLflow run)" if exported.logged_to else ""
+        logged = " (logged to the MLflow run)" if exported.logged_to else ""
         print(f"{exported.format + ':':<11} {exported.path}{logged}")
     if result.run_id:
         print(f"MLflow run: {result.run_id}")

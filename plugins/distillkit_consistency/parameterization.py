@@ -34,7 +34,6 @@ as it does for every other method (which is also what lets a student start from 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import attrs
 import torch
 import torch.nn.functional as F
 
 import distillkit
-from distillkit import LossOutput, Method, SamplingModel, Update, broadcast_time, straight_path, validators
+from distillkit import (LossOutput, Method, SamplingModel, Update, broadcast_time, generator_x0, straight_path,
+                        validators)
 
-from .networks import FakeScore, generator_x0
+from .networks import FakeScore
 from .schedule import edm_velocity_weight, karras_sigmas, sigma_to_t
 
 GENERATOR, FAKE_SCORE = "generator", "fake_score"
@@ -117,14 +117,14 @@ class DMD2(Method):
     def denoise(self, network, x, t, cond=None):
         return generator_x0(network, x, t, cond, self.config.generator_time)
 
-    def velocity_fn(self, student, cond=None):
-        """The velocity implied by the generator: one Euler step from t to 0 lands on its sample."""
-        return lambda x, t: (x - self.denoise(student, x, t, cond)) / broadcast_time(t.clamp_min(1e-3), x)
-
     def sampling_model(self, network, cond=None):
-        implied = self.velocity_fn(network, cond)
-        return SamplingModel(velocity=lambda x, t, t_next: implied(x, t),
-                             denoise=lambda x, t: self.denoise(network, x, t, cond))
+        """The generator as a denoiser, and the velocity it implies (one Euler step from t to 0
+        lands on its sample)."""
+        return SamplingModel.from_denoiser(lambda x, t: self.denoise(network, x, t, cond))
+
+    def velocity_fn(self, student, cond=None):
+        step_velocity = self.sampling_model(student, cond).velocity
+        return lambda x, t: step_velocity(x, t, None)
 
     # -- losses -------------------------------------------------------------------------------
     def _draw_times(self, low: int, high: int, n: int, like: torch.Tensor, generator) -> torch.Tensor:

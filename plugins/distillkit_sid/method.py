@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import attrs
 import torch
 
 import distillkit
-from distillkit import LossOutput, Method, SamplingModel, Update, broadcast_time, straight_path, validators
+from distillkit import LossOutput, Method, SamplingModel, Update, broadcast_time, generator_x0, straight_path, validators
 
 GENERATOR, FAKE_SCORE = "generator", "fake_score"
 
@@ -44,16 +43,6 @@ class SiDConfig:
     init_from_teacher: bool = attrs.field(default=True, validator=validators.boolean)
 
 
-def generator_x0(network, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor], generator_time: float):
-    """The generator's sample from the state ``x`` at time ``t``: the x0 estimate
-    x_in - tau * net(x_in, tau) of a velocity network, so that a generator copied from the
-    teacher starts as the teacher's denoiser. The prior noise (t = 1) is read as the state at
-    ``generator_time`` t_g with no data in it, x_in = t_g eps (EDM: sigma_init eps at sigma_init);
-    any other state at its own time."""
-    top = t >= 1
-    tau = torch.where(top, torch.full_like(t, generator_time), t)
-    x_in = x * broadcast_time(torch.where(top, tau, torch.ones_like(t)), x)
-    return x_in - broadcast_time(tau, x) * network(x_in, tau, cond)
 
 
 class SiD(Method):
@@ -114,14 +103,14 @@ class SiD(Method):
     def denoise(self, network, x, t, cond=None):
         return generator_x0(network, x, t, cond, self.config.generator_time)
 
-    def velocity_fn(self, student, cond=None):
-        """The velocity implied by the generator: one Euler step from t to 0 lands on its sample."""
-        return lambda x, t: (x - self.denoise(student, x, t, cond)) / broadcast_time(t.clamp_min(1e-3), x)
-
     def sampling_model(self, network, cond=None):
-        implied = self.velocity_fn(network, cond)
-        return SamplingModel(velocity=lambda x, t, t_next: implied(x, t),
-                             denoise=lambda x, t: self.denoise(network, x, t, cond))
+        """The generator as a denoiser, and the velocity it implies (one Euler step from t to 0
+        lands on its sample)."""
+        return SamplingModel.from_denoiser(lambda x, t: self.denoise(network, x, t, cond))
+
+    def velocity_fn(self, student, cond=None):
+        step_velocity = self.sampling_model(student, cond).velocity
+        return lambda x, t: step_velocity(x, t, None)
 
     # -- losses -------------------------------------------------------------------------------
     def generate(self, network, batch, generator) -> torch.Tensor:

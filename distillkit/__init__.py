@@ -44,6 +44,7 @@ from .numerics import (
     rk_step_per_sample,
     straight_path,
     uniform_time,
+    unwrap_module,
 )
 from .integrators.tableau import ButcherTableau
 from .plugin_manager import get_registries
@@ -118,5 +119,6 @@ __all__ = [
     "straight_path",
     "uniform_time",
     "generator_x0",
+    "unwrap_module",
     "write_atomic",
 ]

@@ -215,3 +215,16 @@ def generator_x0(network: Callable[..., torch.Tensor], x: torch.Tensor, t: torch
     tau = torch.where(top, torch.full_like(t, generator_time), t)
     x_in = x * broadcast_time(torch.where(top, tau, torch.ones_like(t)), x)
     return x_in - broadcast_time(tau, x) * network(x_in, tau, cond)
+
+
+def unwrap_module(network: nn.Module) -> nn.Module:
+    """The plain module under the trainer's wrappers: DistributedDataParallel (``.module``) and
+    ``torch.compile`` (``._orig_mod``), however nested. For what must not go through a wrapper:
+    forward-mode AD (a JVP), a target or EMA copy, the student's own extra parts."""
+    while True:
+        if isinstance(network, nn.parallel.DistributedDataParallel):
+            network = network.module
+        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            network = network._orig_mod
+        else:
+            return network

@@ -24,7 +24,7 @@ from distillkit.training.build import build_model
 from distillkit.training.checkpoint import load_checkpoint
 from distillkit.training.trainer import train
 
-from crashing import Crash, crash_at
+from crashing import Crash, assert_same, crash_at
 
 
 def gaussian_slope(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -157,21 +157,6 @@ def demonstration(method: str, steps: int, folder: Path, **tree_options) -> tupl
     trained = distillkit.load_trained_model(result.checkpoint, weights="online")
     after = energy_distance(one_step_samples(trained.method, trained.model), reference)
     return before, after, time.perf_counter() - started
-
-
-def assert_same(a, b, where="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys differ"
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def assert_resume_is_bitwise(method: str, folder: Path, steps: int = 12, every: int = 4, crash: int = 6, **options):

@@ -27,7 +27,7 @@ from distillkit.tracking import NullTracker
 from distillkit.training.checkpoint import load_checkpoint
 from distillkit.training.trainer import train
 
-from crashing import Crash, crash_at
+from crashing import Crash, assert_same, crash_at
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -125,21 +125,6 @@ def tree(**train_options):
 
 def resolved(t):
     return resolve(run_config_from_dict(t), distillkit.get_registries())
-
-
-def assert_same(a, b, where="state"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys differ"
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def test_each_update_changes_only_its_own_network_and_logs_per_update(two_networks, tmp_path):

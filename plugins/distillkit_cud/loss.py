@@ -26,23 +26,13 @@ from typing import Callable, Optional
 import torch
 from torch.nn.functional import mse_loss
 
-from distillkit import Batch, ButcherTableau, LossOutput, broadcast_time, rk_slopes, straight_path, uniform_time
+from distillkit import (Batch, ButcherTableau, LossOutput, broadcast_time, rk_slopes, straight_path, uniform_time,
+                        unwrap_module)
 
 from .encoder import gaussian_kl
 
 #: iCT's pseudo-Huber constant (Song & Dhariwal 2023): c = 0.00054 * sqrt(dimensions).
 HUBER_C_PER_SQRT_DIM = 0.00054
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The student inside a DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
 
 
 def draw_times(
@@ -164,7 +154,7 @@ def catch_up_loss(
     kl = None
     if config.coupling == "encoder":
         # Outside the wrapper's forward: its parameters still get their gradient through x_t and v*.
-        mu, logvar = unwrap(student).encoder(x0, cond)
+        mu, logvar = unwrap_module(student).encoder(x0, cond)
         eps = mu + torch.exp(0.5 * logvar) * noise
         kl = gaussian_kl(mu, logvar)
         metrics["kl"] = kl.detach()

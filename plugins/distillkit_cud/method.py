@@ -10,11 +10,11 @@ import torch
 
 import distillkit
 from distillkit import validators
-from distillkit import ButcherTableau, Method, TargetNetwork, ema_update_  # noqa: F401 - ema_update_ re-exported
+from distillkit import ButcherTableau, Method, TargetNetwork, ema_update_, unwrap_module  # noqa: F401 - ema_update_ re-exported
 
 from .encoder import BackboneEncoder, ConvEncoder, MLPEncoder
 from .heads import MultiHeadStudent
-from .loss import catch_up_loss, unwrap
+from .loss import catch_up_loss
 
 #: The catch-up slope of CUD's RK3 variant (METHODS.md §2.8): stages at t, t - Δ and t - 2Δ with
 #: weights 5/12, 2/3, -1/12. It is *not* Kutta's RK3; as a one-step method it is second order.
@@ -214,7 +214,7 @@ class CatchUpDistillation(Method):
     def _trunk(student) -> torch.nn.Module:
         # Only the trunk with its main head produces targets: the backbone, not the extra heads
         # or the encoder.
-        student = unwrap(student)
+        student = unwrap_module(student)
         return getattr(student, "backbone", student)
 
     def prepare(self, student, context):

@@ -32,9 +32,8 @@ from torch.nn.functional import mse_loss
 
 import distillkit
 from distillkit import validators
-from distillkit import LossOutput, Method, TargetNetwork, generate_once, read_cached
+from distillkit import LossOutput, Method, TargetNetwork, generate_once, read_cached, unwrap_module
 
-from .loss import unwrap
 from .method import _to_float, check_prior_shakedrop, prior_shakedrop
 
 TRAJECTORY_FORMAT = "distillkit-cud-trajectories"
@@ -238,7 +237,7 @@ class CUDStage2(Method):
         if self.config.init_from_teacher:
             self._init_from_teacher(student, teacher)
         if self.config.regulariser_weight > 0:
-            self._regulariser.ensure(unwrap(student))  # then any state restored before prepare
+            self._regulariser.ensure(unwrap_module(student))  # then any state restored before prepare
         self._load_or_generate(context, teacher)
 
     def _init_from_teacher(self, student, teacher) -> None:
@@ -349,7 +348,7 @@ class CUDStage2(Method):
             "trajectory_index": float(self.config.phase_indices[phase]),
         }
         if self.config.regulariser_weight > 0:
-            average = self._regulariser.ensure(unwrap(student))  # prepare was not called: start it here
+            average = self._regulariser.ensure(unwrap_module(student))  # prepare was not called: start it here
             with torch.no_grad():
                 v_bar = average(eps, ones, batch.cond)
             regulariser = mse_loss(v, v_bar)
@@ -359,7 +358,7 @@ class CUDStage2(Method):
 
     def after_step(self, student, step):
         if self._regulariser.started:
-            self._regulariser.update(unwrap(student), self.config.regulariser_decay)
+            self._regulariser.update(unwrap_module(student), self.config.regulariser_decay)
         self._set_next_step(step + 1)
 
     def _set_next_step(self, step: int) -> None:

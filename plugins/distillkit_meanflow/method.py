@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import distillkit
-from distillkit import LossOutput, Method, SamplingModel, broadcast_time, straight_path, validators
+from distillkit import LossOutput, Method, SamplingModel, broadcast_time, straight_path, unwrap_module, validators
 
 #: The name of the backbone's extra conditioning input: the interval h = t - r.
 INTERVAL = "h"
@@ -72,20 +72,6 @@ def sample_times(n: int, config: MeanFlowConfig, generator: torch.Generator, *, 
     t, r = times.max(dim=0).values, times.min(dim=0).values
     equal = torch.arange(n, device=device) < n - round(n * config.interval_fraction)
     return t, torch.where(equal, t, r)
-
-
-def _plain_module(network: nn.Module) -> nn.Module:
-    """The module under the trainer's wrappers (DDP, torch.compile), for the JVP: forward-mode AD
-    does not go through DistributedDataParallel's forward or a compiled graph. Only the target is
-    computed there, without gradient; the trained forward pass goes through the wrappers, so DDP
-    still averages the gradients."""
-    while True:
-        if isinstance(network, nn.parallel.DistributedDataParallel):
-            network = network.module
-        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
-            network = network._orig_mod
-        else:
-            return network
 
 
 def _same_dropout(device: torch.device):
@@ -139,9 +125,11 @@ class MeanFlow(Method):
         t, r = sample_times(n, cfg, generator, device=x.device, dtype=x.dtype)
         z, v = straight_path(x, eps, t)
         # The target is under stop-gradient, so the JVP is taken without a graph, on the plain
-        # module, with the dropout masks of the forward pass below (one forward + one JVP).
+        # module (forward-mode AD goes through neither DDP's forward nor a compiled graph; the
+        # trained pass below goes through them, so DDP still averages the gradients), with the
+        # dropout masks of the forward pass below (one forward + one JVP).
         with _same_dropout(x.device):
-            _, dudt = average_velocity_and_derivative(_plain_module(student), z, r, t, v, cond)
+            _, dudt = average_velocity_and_derivative(unwrap_module(student), z, r, t, v, cond)
         u = student(z, t, cond, extra={INTERVAL: t - r})
         target = (v - broadcast_time(t - r, x) * dudt).detach()
         delta = (u - target).square().flatten(1).sum(1)

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 import distillkit
-from distillkit import Batch, LossOutput, Method, SamplingModel, broadcast_time, copy_teacher_weights, validators
+from distillkit import (Batch, LossOutput, Method, SamplingModel, broadcast_time, copy_teacher_weights, unwrap_module,
+                        validators)
 
 from .trigflow import linear_from_trigflow, time_from_angle, trigflow_velocity
 
@@ -121,18 +122,6 @@ class SCMStudent(nn.Module):
         return v, self.logvar(log_sigma)
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    """The plain module inside DDP (``module``) or torch.compile (``_orig_mod``) wrappers."""
-    while True:
-        for name in ("module", "_orig_mod"):
-            inner = getattr(module, name, None)
-            if isinstance(inner, nn.Module):
-                module = inner
-                break
-        else:
-            return module
-
-
 def _same_dropout(device: torch.device):
     """Fork the RNG so that the next pass sees the randomness the pass after it sees too."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -199,7 +188,7 @@ class _ContinuousConsistency(Method):
         sigma_data = self.config.sigma_data
         cos, sin = broadcast_time(s.cos(), x_s), broadcast_time(s.sin(), x_s)
         scale = s.cos() * s.sin()
-        F = self.trigflow_network(_unwrapped(network), cond)
+        F = self.trigflow_network(unwrap_module(network), cond)
         with torch.no_grad():
             F_minus, J = torch.func.jvp(F, (x_s, s), (broadcast_time(scale, x_s) * dxds, scale))
         g = -cos * cos * (sigma_data * F_minus - dxds) - r * (cos * sin * x_s + sigma_data * J)

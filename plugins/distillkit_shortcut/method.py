@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 import distillkit
-from distillkit import LossOutput, Method, SamplingModel, TargetNetwork, broadcast_time, straight_path, validators
+from distillkit import (LossOutput, Method, SamplingModel, TargetNetwork, broadcast_time, straight_path, unwrap_module,
+                        validators)
 
 #: The name of the backbone's extra conditioning input (it receives the level log2(1/d)).
 STEP = "d"
@@ -69,17 +70,6 @@ def step_level(d: torch.Tensor, max_log2: int) -> torch.Tensor:
     return -torch.log2(d.clamp(min=finest, max=1.0))
 
 
-def _plain_module(network: nn.Module) -> nn.Module:
-    """The module under the trainer's wrappers (DDP, torch.compile), for the target copy."""
-    while True:
-        if isinstance(network, nn.parallel.DistributedDataParallel):
-            network = network.module
-        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):
-            network = network._orig_mod
-        else:
-            return network
-
-
 class Shortcut(Method):
     name = "shortcut"
     config_class = ShortcutConfig
@@ -97,17 +87,17 @@ class Shortcut(Method):
     # the target network ---------------------------------------------------------------------------
     def prepare(self, student, context):
         if self.config.target_ema > 0:
-            self._target.start(_plain_module(student)).eval()
+            self._target.start(unwrap_module(student)).eval()
 
     def _target_model(self, student: nn.Module) -> nn.Module:
         if self.config.target_ema == 0:
             return student  # the online network under stop-gradient
         # Made here when prepare was not called; evaluated without dropout (the code's train=False).
-        return self._target.ensure(_plain_module(student)).eval()
+        return self._target.ensure(unwrap_module(student)).eval()
 
     def after_step(self, student, step):
         if self._target.started:
-            self._target.update(_plain_module(student), self.config.target_ema)
+            self._target.update(unwrap_module(student), self.config.target_ema)
 
     def state_dict(self):
         target = self._target.state_dict()

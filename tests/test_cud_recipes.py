@@ -98,3 +98,5 @@ def test_stage2_recipes_use_the_stage1_network(dataset):
     options = stage2["method_options"]
     assert options["phase_indices"] == [8, 11, 14] and options["trajectory_steps"] == 16
     assert stage2["train"]["max_steps"] == 3 * options["steps_per_phase"]
+    # the paper's stage-2 student has no Prior ShakeDrop; its teacher (the backbone above) has φ
+    assert options["student_shakedrop"] == "off" and stage2["backbone_options"]["shakedrop"] is True

@@ -195,6 +195,47 @@ def test_loss_targets_the_phase_index_and_pulls_towards_the_self_ema(registries,
     assert off.network_evals_per_step() == {"with_grad": 1, "no_grad": 0}
 
 
+def test_the_regulariser_pass_runs_the_ema_copy_in_eval_mode(registries, tmp_path):
+    # The paper's code calls .eval() on its EMA copy: no dropout in θ̄'s pass, a deterministic
+    # target, while the student itself keeps training with dropout.
+    method = stage2(registries, FieldTeacher(), regulariser_weight=0.1)
+    mlp = registries.backbones.get("mlp")
+    torch.manual_seed(0)
+    student = mlp.build(mlp.config_class(hidden=16, layers=2, dropout=0.5), DataSpec((2,)))
+    student.train()
+    method.prepare(student, prepare_context(tmp_path))
+    passes = []
+    method.regulariser.register_forward_hook(lambda module, args, output: passes.append(output.detach().clone()))
+    batch = first_batch(method)
+    for seed in (1, 2):  # different global RNG states: any dropout would draw different masks
+        torch.manual_seed(seed)
+        method.loss(student, batch, torch.Generator(), 0)
+    assert len(passes) == 2 and torch.equal(passes[0], passes[1])
+    assert student.training and not method.regulariser.training
+    eps, ones = batch.noise, torch.ones(len(batch.noise))
+    assert not torch.equal(student(eps, ones), student(eps, ones))  # the student's dropout is still on
+
+    # The loss with the student's dropout mask replayed and θ̄'s pass drawing none.
+    torch.manual_seed(3)
+    out = method.loss(student, batch, torch.Generator(), 0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        v = student(eps, ones)
+        v_bar = method.regulariser(eps, ones)
+    expected = ((eps - v - batch.x) ** 2).mean() + 0.1 * ((v - v_bar) ** 2).mean()
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    torch.testing.assert_close(v_bar, passes[0])
+
+
+def test_the_regulariser_copy_made_by_the_loss_is_in_eval_mode_too(registries):
+    method = stage2(registries, FieldTeacher(), regulariser_weight=0.1)
+    mlp = registries.backbones.get("mlp")
+    student = mlp.build(mlp.config_class(hidden=16, layers=1, dropout=0.5), DataSpec((2,))).train()
+    batch = Batch(torch.randn(8, 2), noise=torch.randn(8, 2))
+    method.loss(student, batch, torch.Generator(), 0)  # prepare not called: the loss makes the copy
+    assert not method.regulariser.training and student.training
+
+
 def test_a_batch_fetched_for_another_phase_is_refused_and_resume_restores_the_phase(registries, tmp_path):
     method = stage2(registries, FieldTeacher(), total_steps=9)
     student = tiny_mlp(registries)
@@ -268,6 +309,90 @@ def test_teacher_trained_with_another_phi_is_refused(registries, cud_rk2_toy2d_c
     with pytest.raises(distillkit.UsageError, match=r"phi=0.25.*P2"):
         stage2(registries, teacher, init_from_teacher=True).prepare(
             mlp.build(mlp.config_class(), DataSpec((2,))), prepare_context(tmp_path / "run"))
+
+
+TINY_SONGUNET = {"channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def phi_teacher_checkpoint(tmp_path_factory):
+    """A 2-step CUD run on digits with a tiny SongUNet and Prior ShakeDrop φ = 0.75."""
+    runs = tmp_path_factory.mktemp("cud-phi-digits")
+    options = [f"--set=backbone_options.{k}={v}" for k, v in {**TINY_SONGUNET, "shakedrop": "true", "phi": 0.75}.items()]
+    assert main(["run", "--method", "cud", "--dataset", "digits", "--backbone", "songunet", "--max-steps", "2",
+                 "--batch-size", "8", "--runs-dir", str(runs), *SMALL, *options]) == 0
+    return next(runs.glob("runs/*/checkpoint.pt"))
+
+
+def songunet_student(registries, **options):
+    cls = registries.backbones.get("songunet")
+    config = cls.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in {**TINY_SONGUNET, **options}.items()})
+    return cls.build(config, DataSpec((1, 8, 8)))
+
+
+def digits_teacher(registries, path):
+    cls = registries.datasets.get("digits")
+    data = cls(cls.config_class())
+    return load_teacher(str(path), registries, TeacherContext(data=data.spec, dataset_name="digits", dataset_config=data.config))
+
+
+def digits_stage2(registries, teacher, **options):
+    cls = registries.methods.get("cud-stage2")
+    ctx = MethodContext(data=DataSpec((1, 8, 8)), integrator=registries.integrators.get("euler"), integrator_name="euler",
+                        total_steps=3, integrators=registries.integrators, teacher=teacher)
+    defaults = {"num_trajectories": 8, "generation_batch": 8, "init_from_teacher": True}
+    return cls(cls.config_class(**{**defaults, **options}), ctx)
+
+
+def test_student_shakedrop_must_be_teacher_or_off(registries):
+    with pytest.raises(distillkit.ConfigError, match="student_shakedrop.*one of teacher, off"):
+        stage2(registries, FieldTeacher(), student_shakedrop="on")
+    assert stage2(registries, FieldTeacher()).config.student_shakedrop == "teacher"
+
+
+def test_student_shakedrop_off_switches_it_off_on_the_student_only(registries, phi_teacher_checkpoint, tmp_path):
+    # The paper's stage-2 code builds its student without Prior ShakeDrop although the stage-1
+    # teacher trained with φ = 0.75: "off" does the same, from the teacher's backbone options.
+    teacher = digits_teacher(registries, phi_teacher_checkpoint)
+    assert teacher.trained.model.backbone.config.shakedrop and teacher.trained.model.backbone.config.phi == 0.75
+    method = digits_stage2(registries, teacher, student_shakedrop="off")
+    student = method.build_student(songunet_student(registries, shakedrop=True, phi=0.75))
+    assert not student.config.shakedrop
+    method.prepare(student, prepare_context(tmp_path / "off"))  # loading from the φ teacher: no refusal
+    assert teacher.trained.model.backbone.config.shakedrop  # the teacher keeps its φ
+    ema = torch.load(phi_teacher_checkpoint, weights_only=True)["ema"]
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, ema[f"backbone.{key}"])
+    # The same network as one built with shakedrop = false and these weights; not the teacher's.
+    plain = songunet_student(registries, shakedrop=False)
+    plain.load_state_dict(student.state_dict())
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.1, 0.4, 0.7, 1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, t), plain(x, t))
+        assert not torch.allclose(student(x, t), teacher.trained.model.backbone(x, t))
+    assert method.tags()["distillkit.cud_stage2.student_shakedrop"] == "off"
+
+
+def test_student_shakedrop_teacher_keeps_phi_and_refuses_a_mismatch(registries, phi_teacher_checkpoint, tmp_path):
+    teacher = digits_teacher(registries, phi_teacher_checkpoint)
+    method = digits_stage2(registries, teacher)
+    student = method.build_student(songunet_student(registries, shakedrop=True, phi=0.75))
+    assert student.config.shakedrop and student.config.phi == 0.75
+    method.prepare(student, prepare_context(tmp_path / "teacher"))
+    with pytest.raises(distillkit.UsageError, match=r"phi=0.75.*shakedrop off.*P2"):
+        digits_stage2(registries, teacher).prepare(
+            songunet_student(registries, shakedrop=False), prepare_context(tmp_path / "mismatch"))
+
+
+def test_student_shakedrop_off_from_the_command_line_is_rebuilt_off(capsys, phi_teacher_checkpoint, tmp_path):
+    options = [f"--set=backbone_options.{k}={v}" for k, v in {**TINY_SONGUNET, "shakedrop": "true", "phi": 0.75}.items()]
+    argv = ["run", "--method", "cud-stage2", "--teacher", str(phi_teacher_checkpoint), "--dataset", "digits",
+            "--backbone", "songunet", "--max-steps", "2", "--batch-size", "8", "--runs-dir", str(tmp_path), *SMALL,
+            *options, "--set", "method_options.num_trajectories=16", "--set", "method_options.student_shakedrop=off"]
+    assert main(argv) == 0
+    checkpoint = Path(re.search(r"checkpoint: (\S+)", capsys.readouterr().out).group(1))
+    trained = distillkit.load_trained_model(checkpoint)  # what sampling and evaluation rebuild
+    assert not trained.model.config.shakedrop
 
 
 def test_stage1_then_stage2_from_the_command_line(capsys, cud_rk2_toy2d_checkpoint, tmp_path):

@@ -5,7 +5,7 @@ Per sample, with t and Δ drawn as ``draw_times`` documents, x_t = (1 - t) x + t
     k_i = sg v⁻(x_t - Δ Σ_j a_ij k_j,  max(t - c_i Δ, δ))       stage slopes toward the data end
     s   = Σ_i b_i k_i                                            the catch-up slope
     y_j = sg v⁻(x_t - j Δ s,  max(t - j Δ, δ))                   j = 1 .. H look-ahead targets
-    y_j = v*                  where t < δ + R Δ                  boundary mask (R = max(H, max c_i))
+    y_j = sg v*               where t < δ + R Δ                  boundary mask (R = max(H, max c_i))
     L   = w_cu Σ_j d(p_j, y_j) + w_gt Σ_j d_gt(p_j, v*) + β KL
 
 ``v⁻`` is the target network's main head under stop-gradient: the live network itself (default;
@@ -121,7 +121,8 @@ def distance(p: torch.Tensor, y: torch.Tensor, kind: str, c: float) -> torch.Ten
 def loss_weights(config, step: int, total_steps: int) -> tuple[float, float]:
     """(w_cu, w_gt) at optimizer step ``step`` (0-based) of ``total_steps``.
 
-    constant: the configured weights. adaptive: ω1(i) = 2 i / I on the catch-up term and
+    constant: the configured weights. adaptive (the Euler variant only, checked by the method)
+    and adaptive-all-heads (any tableau and head count): ω1(i) = 2 i / I on the catch-up term and
     ω2(i) = 2 (1 - i / I) on the ground-truth term (§2.6, the figure's ω1(i), ω2(i)), times the
     configured weights, with i = ``step`` and I = ``total_steps``.
     """
@@ -171,7 +172,10 @@ def catch_up_loss(
     targets = catch_up_targets(velocity, x_t.detach(), t, delta, tableau, heads, config.t_min, first)
     if config.boundary_mask:
         near_data = broadcast_time(t < config.t_min + mask_reach(tableau, heads) * delta, x0)
-        targets = [torch.where(near_data, v_star, y) for y in targets]
+        # Detached: the replaced target is a constant, as every other target (the paper replaces
+        # it under no_grad). With the encoder coupling v* = ε(φ) - x carries the encoder's graph,
+        # and the ground-truth term is where that gradient belongs, not the catch-up term too.
+        targets = [torch.where(near_data, v_star.detach(), y) for y in targets]
         metrics["boundary_fraction"] = near_data.float().mean()
 
     c = huber_constant(config, x0)

@@ -29,7 +29,9 @@ PAPER_RK3 = ButcherTableau(
 
 DELTA_MODES = ("uniform", "origin", "rule")
 TARGETS = ("live", "ema")
-WEIGHTINGS = ("constant", "adaptive")
+#: "adaptive" is the paper's ω1, ω2 schedule, which its code applies only to the Euler variant;
+#: "adaptive-all-heads" is this plugin's extension of it to any tableau and head count.
+WEIGHTINGS = ("constant", "adaptive", "adaptive-all-heads")
 DISTANCES = ("mse", "pseudo-huber")
 COUPLINGS = ("independent", "encoder")
 
@@ -56,7 +58,17 @@ def _to_float(value):
 
 @attrs.frozen
 class CUDConfig:
-    """Stage-1 options; every default is the paper's published recipe (METHODS.md §2, §5)."""
+    """Stage-1 options (METHODS.md §2, §5).
+
+    The defaults are the paper's published stage-1 settings except for the coupling: distillkit's
+    default is ``coupling = "independent"`` (ε ~ N(0, I), as the paper's ImageNet-64 run), while the
+    paper's CIFAR-10 and MNIST runs pair noise with data through an encoder (``coupling =
+    "encoder"``, β = ``kl_weight`` = 20, the encoder a small SongUNet: ``encoder = "songunet"`` with
+    the ``mnist`` preset, not the default ``auto``). The encoder is a confound when CUD is compared
+    with other methods (§2.2), so it is opt-in. Prior ShakeDrop φ is a backbone option
+    (``backbone_options.shakedrop``/``phi``, off by default). Each dataset's full paper recipe is a
+    file in ``recipes/`` (``cud-mnist.toml``, ``cud-cifar10.toml``, ``cud-imagenet64.toml``).
+    """
 
     # -- catch-up step and time (§2.3-2.4) --
     tn: int = attrs.field(default=16, validator=validators.positive_int)  # TN: Δ ~ U(0, 1/TN), discrete grid k/TN
@@ -134,6 +146,17 @@ def prior_shakedrop(backbone) -> dict[str, Any]:
     return {"enabled": enabled, "phi": float(config.phi) if enabled else None}
 
 
+def without_prior_shakedrop(backbone):
+    """``backbone`` with Prior ShakeDrop switched off (unchanged when it is off already).
+
+    The scaling owns no parameters: the backbone's forward reads ``config.shakedrop``, so the
+    network with its config evolved to ``shakedrop = false`` is the one built that way, with the
+    same parameters and the same initial weights (no second build, no extra random draws)."""
+    if prior_shakedrop(backbone)["enabled"]:
+        backbone.config = attrs.evolve(backbone.config, shakedrop=False)
+    return backbone
+
+
 def check_prior_shakedrop(recorded: Optional[dict], built: dict, where: str) -> None:
     """Refuse a network rebuilt with another φ than the one it was trained with (P2)."""
     if recorded is None or recorded == built:
@@ -172,6 +195,7 @@ class CatchUpDistillation(Method):
                 "method_options.sample_head", config.sample_head,
                 f"-1 or a head index below {self.heads} ({self.tableau.name} trains {self.heads} heads)",
             )
+        self._check_weighting()
         if config.coupling == "encoder" and len(context.data.shape) not in (1, 3) and config.encoder == "auto":
             raise distillkit.ConfigError(
                 "method_options.encoder", config.encoder,
@@ -180,6 +204,18 @@ class CatchUpDistillation(Method):
         # θ⁻ ← μ θ⁻ + (1 - μ) θ on parameters and floating buffers (distillkit.TargetNetwork)
         self._target = TargetNetwork()
         self.prior_shakedrop: Optional[dict] = None
+
+    def _check_weighting(self) -> None:
+        # The paper's code schedules ω1, ω2 only in its Euler variant (pred_step 1: one stage, one
+        # head); its RK2/RK3 variants always weigh every term 1. Elsewhere it is an extension,
+        # which must be asked for by name.
+        euler_variant = self.tableau.stages == 1 and self.heads == 1
+        if self.config.weighting == "adaptive" and not euler_variant:
+            raise distillkit.ConfigError(
+                "method_options.weighting", "adaptive",
+                f"constant or adaptive-all-heads with {self.tableau.name} and {self.heads} heads (the paper "
+                "applies adaptive only to its Euler variant: --integrator euler with one head)",
+            )
 
     # -- the student -------------------------------------------------------------------------
 

@@ -11,9 +11,11 @@
    Each item of the training set is (x̂0 at the current phase's index, its eps); the phase is set by
    the method after every optimizer step.
 2. The student is the teacher's main network (no look-ahead heads), initialised from the
-   teacher's EMA weights.
+   teacher's EMA weights; with ``student_shakedrop = "off"`` its Prior ShakeDrop is switched off
+   (the paper's stage-2 code builds its student so, from a φ = 0.75 teacher).
 3. Loss: x̂ = eps - v_θ(eps, 1);  L = MSE(x̂, x̂0⁽ᵏ⁾) + λ MSE(v_θ(eps, 1), sg v_θ̄(eps, 1)), where θ̄ is
-   an EMA of the student (decay 0.9999, starting from the stage-1 weights) held by the method.
+   an EMA of the student (decay 0.9999, starting from the stage-1 weights) held by the method and
+   evaluated in eval mode (no dropout: a deterministic target, as the paper's code).
 4. Curriculum: phase p uses trajectory index k = ``phase_indices[p]`` (8, 11, 14 of 16: t = 8/16,
    5/16, 2/16) for ``steps_per_phase`` steps each; the optimizer is not reset between phases.
 5. Sampling: x = eps - v(eps, 1), which the core's evaluation gets as Euler with NFE 1.
@@ -34,10 +36,12 @@ import distillkit
 from distillkit import validators
 from distillkit import LossOutput, Method, TargetNetwork, generate_once, read_cached, unwrap_module
 
-from .method import _to_float, check_prior_shakedrop, prior_shakedrop
+from .method import _to_float, check_prior_shakedrop, prior_shakedrop, without_prior_shakedrop
 
 TRAJECTORY_FORMAT = "distillkit-cud-trajectories"
 TRAJECTORY_FILE = "trajectories.pt"
+#: what the student does with Prior ShakeDrop: keep the teacher's φ, or switch it off
+STUDENT_SHAKEDROP = ("teacher", "off")
 
 
 def _indices(instance, attribute, value):
@@ -77,6 +81,9 @@ class CUDStage2Config:
     init_from_teacher: bool = attrs.field(default=True, validator=validators.boolean)
     #: a trajectories.pt of an earlier run to reuse instead of generating ("" = generate)
     trajectory_file: str = attrs.field(default="")
+    #: the student's Prior ShakeDrop: "teacher" keeps the backbone's (= the teacher's) φ; "off"
+    #: switches it off, as the paper's stage-2 code builds its student (P2)
+    student_shakedrop: str = attrs.field(default="teacher", validator=validators.one_of(*STUDENT_SHAKEDROP))
 
     def __attrs_post_init__(self) -> None:
         too_far = [i for i in self.phase_indices if i >= self.trajectory_steps]
@@ -228,6 +235,17 @@ class CUDStage2(Method):
         """The phase (0-based) of optimizer step ``step``; the last phase runs to the end."""
         return min(step // self.steps_per_phase, len(self.config.phase_indices) - 1)
 
+    # -- the student --------------------------------------------------------------------------
+
+    def build_student(self, backbone):
+        if self.config.student_shakedrop == "off":
+            return without_prior_shakedrop(backbone)
+        return backbone
+
+    def _expected_student_shakedrop(self, source) -> dict[str, Any]:
+        """What the student must do with Prior ShakeDrop, given the teacher's rebuilt network."""
+        return prior_shakedrop(source) if self.config.student_shakedrop == "teacher" else {"enabled": False, "phi": None}
+
     # -- prepare: weights from the teacher, the self-EMA, the trajectories --------------------
 
     def prepare(self, student, context):
@@ -237,8 +255,15 @@ class CUDStage2(Method):
         if self.config.init_from_teacher:
             self._init_from_teacher(student, teacher)
         if self.config.regulariser_weight > 0:
-            self._regulariser.ensure(unwrap_module(student))  # then any state restored before prepare
+            self._regulariser_network(student)  # then any state restored before prepare
         self._load_or_generate(context, teacher)
+
+    def _regulariser_network(self, student) -> torch.nn.Module:
+        """θ̄ (made from the student first if there is none yet), in eval mode: its pass gives the
+        regulariser's target, which dropout would make noisy; the paper's code calls .eval() on
+        its EMA copy. The copy is not a submodule of the student, so the student's train() or
+        eval() never reaches it, and setting it here leaves the student's mode alone."""
+        return self._regulariser.ensure(unwrap_module(student)).eval()
 
     def _init_from_teacher(self, student, teacher) -> None:
         trained = getattr(teacher, "trained", None)
@@ -248,14 +273,17 @@ class CUDStage2(Method):
                 f"false: teacher {teacher.identity} has no network weights to start from",
             )
         source = getattr(trained.model, "backbone", trained.model)
-        # P2: the teacher's checkpoint records the φ it was trained with; its rebuilt network and
-        # this student must both use it.
+        # P2: the teacher's checkpoint records the φ it was trained with; its rebuilt network must
+        # use it, and this student too unless student_shakedrop = "off" switched it off.
         payload = distillkit.load_checkpoint(trained.checkpoint)  # either checkpoint format
         recorded = (payload.get("method") or {}).get("prior_shakedrop")
         check_prior_shakedrop(recorded, prior_shakedrop(source), f"teacher {trained.checkpoint}")
-        check_prior_shakedrop(prior_shakedrop(source), prior_shakedrop(student), "cud-stage2 student")
+        check_prior_shakedrop(self._expected_student_shakedrop(source), prior_shakedrop(student), "cud-stage2 student")
         del payload
-        if type(source) is not type(student) or getattr(source, "config", None) != getattr(student, "config", None):
+        source_config = getattr(source, "config", None)
+        if self.config.student_shakedrop == "off" and prior_shakedrop(source)["enabled"]:
+            source_config = attrs.evolve(source_config, shakedrop=False)  # the student's, by build_student
+        if type(source) is not type(student) or source_config != getattr(student, "config", None):
             options = trained.resolved.to_dict()["backbone_options"]
             raise distillkit.ConfigError(
                 "backbone", getattr(type(student), "name", type(student).__name__),
@@ -348,7 +376,7 @@ class CUDStage2(Method):
             "trajectory_index": float(self.config.phase_indices[phase]),
         }
         if self.config.regulariser_weight > 0:
-            average = self._regulariser.ensure(unwrap_module(student))  # prepare was not called: start it here
+            average = self._regulariser_network(student)  # prepare was not called: start it here
             with torch.no_grad():
                 v_bar = average(eps, ones, batch.cond)
             regulariser = mse_loss(v, v_bar)
@@ -389,6 +417,7 @@ class CUDStage2(Method):
             "distillkit.cud_stage2.phase_indices": ",".join(map(str, self.config.phase_indices)),
             "distillkit.cud_stage2.steps_per_phase": str(self.steps_per_phase),
             "distillkit.cud_stage2.quantized": str(self.config.quantize).lower(),
+            "distillkit.cud_stage2.student_shakedrop": self.config.student_shakedrop,
         }
         if self.trajectories is not None:
             tags["distillkit.cud_stage2.trajectories"] = (

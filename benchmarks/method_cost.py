@@ -28,7 +28,8 @@ from _common import add_run_options, command_line, header, machine, median, star
 from _training import PRESETS, SyntheticImages, config_tree, describe_preset, make_teacher, time_training, variant_parts
 from distillkit import get_registries
 
-DEFAULT_VARIANTS = "fm,cud-euler,cud-rk2,cud-rk3,otcfm,ct,cd,pd,rf-reflow,rf-distill,cud-stage2,meanflow,shortcut"
+DEFAULT_VARIANTS = ("fm,cud-euler,cud-rk2,cud-rk3,otcfm,ct,cd,pd,rf-reflow,rf-distill,cud-stage2,"
+                    "meanflow,shortcut,sct,scd,dmd2,sid")
 
 
 def method_options(method: str, batch: int) -> dict:

@@ -53,7 +53,7 @@ def test_overhead_writes_both_loops_per_variant(tmp_path):
 
 def test_method_cost_counts_network_evaluations(tmp_path):
     out = tmp_path / "cost.md"
-    done = run_script("method_cost.py", "--preset", "tiny", "--variants", "fm,cud-rk3,rf-distill", "--warmup", "1",
+    done = run_script("method_cost.py", "--preset", "tiny", "--variants", "fm,cud-rk3,rf-distill,sct,dmd2", "--warmup", "1",
                       "--steps", "2", "--rounds", "1", "--no-memory", "--out", str(out), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
@@ -63,6 +63,11 @@ def test_method_cost_counts_network_evaluations(tmp_path):
     assert rows["fm"]["relative_time"] == pytest.approx(1.0)
     # The pairs rf-distill trains on cost the teacher num_pairs x pair_nfe evaluations (defaults 10,000 x 32).
     assert rows["rf-distill"]["evals_once"] == 10_000 * 32 and rows["fm"]["evals_once"] == 0
+    # sCT's tangent is one JVP through the network, counted apart from the forward with gradient.
+    assert rows["sct"]["evals"] == {"with_grad": 1, "no_grad": 0, "jvp": 1}
+    # DMD2's cycle of fake-score updates and one generator update, per step, rounded up.
+    assert {k: rows["dmd2"]["evals"][k] for k in ("with_grad", "no_grad")} == {"with_grad": 2, "no_grad": 2}
+    assert rows["dmd2"]["evals"].get("jvp", 0) == 0
     for row in rows.values():
         assert finite_positive(row["images_per_second"]) and finite_positive(row["relative_time"])
 

@@ -1,4 +1,4 @@
-"""The consistency function in the project's time convention, and its time grid.
+"""The consistency function in the project's time convention, and its time grids (in sigma or in t).
 
 Convention (METHODS.md §1): t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps. A consistency
 function f(x_t, t) maps any point of a probability-flow trajectory to the trajectory's point at
@@ -23,14 +23,6 @@ At t = 1 (pure noise) c_skip = 0 and c_out = sigma_d, finite (the consistency-mo
 shifts sigma - sigma_min inside EDM's formulas; that form has no finite value at t = 1 in this
 convention, where sigma = t / (1 - t)).
 
-Above the grid's noise end t_max (80/81 on the default sigma grid) f was never trained, and
-sampling starts from pure noise at t = 1. As consistency models do (they start from
-x_T = sigma_max z, data ignored), f(x, t) for t > t_max is f((t_max / t) x, t_max): at t = 1 the
-noise eps becomes t_max eps, which is x_{t_max} = (1 - t_max) x + t_max eps less its data part
-(1/81 of the data on the default grid), CM's start in this convention (x_t / (1 - t) = x + sigma eps,
-so sigma_max z is (1 - t_max) sigma_max z = t_max z). The one-step sample is f(t_max eps, t_max).
-With t_max = 1 (the t grid's default) the rule never applies.
-
 ``velocity``. c_skip = 1, c_out = -(t - t_min): f(x, t) = x - (t - t_min) F(x, t), F a velocity.
 One Euler step from t to t_min, so a student whose F starts as a flow teacher's velocity starts as
 the teacher's one-step Euler sampler.
@@ -38,6 +30,14 @@ the teacher's one-step Euler sampler.
 Input scaling: EDM's c_in = 1 / sqrt(Var x_t) is left out. In this convention Var x_t =
 (1 - t)^2 sigma_d^2 + t^2 stays between sigma_d^2 and 1, and the backbone sees the same raw input
 as it does for every other method (which is also what lets a student start from a teacher's weights).
+
+The start from noise, both parameterisations. Above the sigma grid's noise end t_max = 80/81 f was
+never trained, and sampling starts from pure noise at t = 1. As consistency models do (they start
+from x_T = sigma_max z, data ignored), f(x, t) for t > t_max is f((t_max / t) x, t_max): at t = 1
+the noise eps becomes t_max eps, which is x_{t_max} = (1 - t_max) x + t_max eps less its data part
+(1/81 of the data), CM's start in this convention (x_t / (1 - t) = x + sigma eps, so sigma_max z
+is (1 - t_max) sigma_max z = t_max z). The one-step sample is f(t_max eps, t_max). On the t grid
+the method gives f t_max = 1, so the rule never applies there (as before the sigma grid).
 """
 
 from __future__ import annotations

@@ -1,26 +1,50 @@
 """Consistency distillation / training (plugins/distillkit_consistency) against closed forms written
 out independently here: the EDM coefficients in their variance-exploding form, the boundary
-condition, the Karras grid, the CT schedules, the losses, the target network and the sampler."""
+condition, the grids (CM's sigma grid, the default, and the grid in t), the start from noise above
+the sigma grid's t_max, old configs keeping the t grid, the CT schedules, the losses, the target
+network, the sampler and the cd / ct recipes."""
 
 import math
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import distillkit
-from distillkit import Batch, DataSpec, MethodContext, PrepareContext
+from distillkit.cli.main import main
+from distillkit import Batch, DataSpec, MethodContext, NoOptions, PrepareContext, SamplerContext
+from distillkit.config import build_attrs, to_dict
 from distillkit_consistency import (
     ConsistencyFunction,
     distance,
     edm_coefficients,
     num_points,
     rk_step_per_sample,
+    sigma_grid,
     target_rate,
     time_grid,
 )
 
 T_MIN, SIGMA_D = 0.002, 0.5
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def cm_grid(n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0):
+    """Consistency models' sigma_i (Song et al. 2023, from EDM) mapped by t = sigma / (1 + sigma),
+    written out here in plain floats."""
+    sigmas = [(sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+              for i in range(n)]
+    return [s / (1 + s) for s in sigmas]
+
+
+def t_grid(n, t_min=T_MIN, t_max=1.0, rho=7.0):
+    """distillkit's grid before the sigma grid: the same schedule directly in t."""
+    return [(t_max ** (1 / rho) + i / (n - 1) * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho for i in range(n)]
+
+
+GRIDS = {"sigma": cm_grid, "t": t_grid}
 
 
 def edm_in_sigma(t, t_min=T_MIN, sigma_d=SIGMA_D):
@@ -80,15 +104,18 @@ def test_edm_coefficients_at_the_ends():
     assert c_skip.tolist() == [1.0, 0.0] and c_out.tolist() == [0.0, SIGMA_D]
 
 
+@pytest.mark.parametrize("grid", ["sigma", "t"])
 @pytest.mark.parametrize("parameterization", ["edm", "velocity"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_boundary_condition_holds_bit_for_bit(parameterization, dtype):
+def test_boundary_condition_holds_bit_for_bit(grid, parameterization, dtype):
     torch.manual_seed(0)
-    f = ConsistencyFunction(mlp(), parameterization, T_MIN, SIGMA_D).to(dtype)
+    cd = method("cd", LinearTeacher(), grid=grid, parameterization=parameterization)
+    f = cd.build_student(mlp()).to(dtype)
     x = torch.randn(64, 2, dtype=dtype) * 3
-    grid = time_grid(18, 7.0, T_MIN, 1.0).to(dtype)  # the grid's last point, as the loss sees it
-    assert torch.equal(f(x, grid[-1].expand(64)), x)
-    assert torch.equal(f(x, torch.full((64,), T_MIN, dtype=dtype)), x)
+    last = cd.grid[-1].to(dtype)  # the grid's last point, as the loss sees it
+    assert f.t_min == {"sigma": SIGMA_MIN / (1 + SIGMA_MIN), "t": T_MIN}[grid]
+    assert torch.equal(f(x, last.expand(64)), x)
+    assert torch.equal(f(x, torch.full((64,), f.t_min, dtype=dtype)), x)
     assert torch.equal(f(x, torch.zeros(64, dtype=dtype)), x)  # below t_min f is the identity too
     assert not torch.allclose(f(x, torch.full((64,), 0.5, dtype=dtype)), x)
 
@@ -135,6 +162,140 @@ def test_karras_grid_in_t():
     assert grid.tolist() == pytest.approx(expected, rel=1e-12)
     assert grid[0].item() == 1.0 and grid[-1].item() == T_MIN
     assert time_grid(5, 1.0, 0.2, 1.0).tolist() == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    assert method("cd", LinearTeacher(), grid="t").grid.tolist() == grid.tolist()
+
+
+def test_the_default_grid_is_consistency_models_sigma_grid():
+    grid = method("cd", LinearTeacher()).grid  # default: grid = sigma, N = 18
+    assert grid.tolist() == pytest.approx(cm_grid(18), rel=1e-12)
+    # The ends exactly: sigma_max = 80 is t = 80/81, sigma_min = 0.002 is t = 0.002/1.002.
+    assert grid[0].item() == 80 / 81 and grid[-1].item() == 0.002 / 1.002
+    # The values issue 17 quotes, t_0 = 80/81 the top: t_1 = 0.9829, t_10 = 0.5211.
+    assert grid[1].item() == pytest.approx(0.9829, abs=5e-5) and grid[10].item() == pytest.approx(0.5211, abs=5e-5)
+    # 11 of the 17 intervals [t_{i+1}, t_i] reach above t = 0.5 (the t grid: 3), so cd trains
+    # mostly at high noise, as consistency models do.
+    upper_above_half = lambda points: sum(t > 0.5 for t in points[:-1])  # noqa: E731
+    assert upper_above_half(grid.tolist()) == 11 and upper_above_half(t_grid(18)) == 3
+
+
+@pytest.mark.parametrize("points", [2, 3, 18, 151])
+def test_the_sigma_grid_keeps_its_ends_for_every_number_of_points(points):
+    # ct's curriculum changes N(k) during training; the grid must stay CM's at every N.
+    grid = sigma_grid(points, 7.0, SIGMA_MIN, SIGMA_MAX)
+    assert grid.tolist() == pytest.approx(cm_grid(points), rel=1e-12)
+    assert grid[0].item() == 80 / 81 and grid[-1].item() == 0.002 / 1.002
+    assert bool((grid[1:] < grid[:-1]).all())
+    assert sigma_grid(3, 1.0, 1.0, 3.0).tolist() == pytest.approx([3 / 4, 2 / 3, 1 / 2])  # rho = 1: uniform in sigma
+    with pytest.raises(ValueError, match="at least 2"):
+        sigma_grid(1, 7.0, SIGMA_MIN, SIGMA_MAX)
+
+
+# ------------------------------------------------------------------------------------------------
+# the grid option
+
+
+def test_grid_options_resolve_to_the_grids_ends():
+    cls = distillkit.get_registries().methods.get("cd").config_class
+    sigma = cls()
+    assert (sigma.grid, sigma.sigma_min, sigma.sigma_max) == ("sigma", SIGMA_MIN, SIGMA_MAX)
+    assert (sigma.t_min, sigma.t_max) == (SIGMA_MIN / (1 + SIGMA_MIN), SIGMA_MAX / (1 + SIGMA_MAX))
+    assert cls(sigma_min=0.01, sigma_max=20.0).t_max == 20 / 21
+    old = cls(grid="t")
+    assert (old.t_min, old.t_max, old.sigma_min, old.sigma_max) == (T_MIN, 1.0, None, None)
+    # A resolved config names every option: re-reading it gives the same config (checkpoints).
+    for config in (sigma, old, cls(sigma_max=40.0), cls(grid="t", t_max=0.9)):
+        tree = {k: v for k, v in to_dict(config).items() if v is not None}
+        assert build_attrs(cls, tree, "method_options.") == config
+
+
+@pytest.mark.parametrize("name", ["cd", "ct"])
+def test_a_config_from_before_the_grid_option_keeps_the_t_grid(name):
+    # Before the sigma grid, every resolved config named t_min and t_max and no grid.
+    cls = distillkit.get_registries().methods.get(name).config_class
+    tree = {k: v for k, v in to_dict(cls(grid="t")).items() if k not in ("grid", "sigma_min", "sigma_max")}
+    assert set(tree) >= {"t_min", "t_max", "rho"}
+    assert build_attrs(cls, tree, "method_options.") == cls(grid="t")
+    assert cls(t_min=0.01).grid == "t" and cls(t_max=0.9).grid == "t" and cls(sigma_max=40.0).grid == "sigma"
+
+
+@pytest.mark.parametrize("options,key,allowed", [
+    ({"grid": "karras"}, "grid", "one of sigma, t"),
+    ({"sigma_min": 0.0}, "sigma_min", "(0, 1)"),
+    ({"sigma_min": 1.5}, "sigma_min", "(0, 1)"),
+    ({"sigma_max": 0.5}, "sigma_max", ">= 1"),
+    ({"sigma_max": math.inf}, "sigma_max", "finite"),
+    ({"grid": "sigma", "t_max": 0.9}, "t_max", "unset under grid = sigma"),
+    ({"grid": "sigma", "t_min": 0.002}, "t_min", "set sigma_min, or grid = t"),
+    ({"t_min": 0.002, "sigma_max": 80.0}, "sigma_max", "unset under grid = t"),
+    ({"grid": "t", "sigma_min": 0.002}, "sigma_min", "unset under grid = t"),
+])
+def test_bad_grid_options_are_one_line_config_errors(options, key, allowed):
+    cls = distillkit.get_registries().methods.get("cd").config_class
+    with pytest.raises(distillkit.ConfigError) as raised:
+        build_attrs(cls, options, "method_options.")
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"method_options.{key}=") and allowed in message
+
+
+# ------------------------------------------------------------------------------------------------
+# the start: pure noise at t = 1, above the sigma grid's t_max = 80/81
+
+
+@pytest.mark.parametrize("parameterization", ["edm", "velocity"])
+def test_above_t_max_f_starts_from_the_noise_scaled_onto_t_max(parameterization):
+    torch.manual_seed(0)
+    cd = method("cd", LinearTeacher(), parameterization=parameterization)
+    f = cd.build_student(mlp()).double()
+    t_max = SIGMA_MAX / (1 + SIGMA_MAX)
+    noise = torch.randn(16, 2, dtype=torch.float64)
+    c_skip, c_out = f.coefficients(torch.full((16,), t_max, dtype=torch.float64))
+    # CM's x_T = sigma_max z is t_max z here (x_t / (1 - t) = x + sigma eps): f at t = 1 is f there.
+    start = t_max * noise
+    expected = c_skip[:, None] * start + c_out[:, None] * f.backbone(start, torch.full((16,), t_max, dtype=torch.float64))
+    torch.testing.assert_close(f(noise, torch.ones(16, dtype=torch.float64)), expected, rtol=1e-12, atol=1e-12)
+    # Between t_max and 1: (t_max / t) x at t_max; at and below t_max f is the formula itself, bit for bit.
+    t = torch.tensor([0.999] * 8 + [t_max] * 4 + [0.5] * 4, dtype=torch.float64)
+    scale = torch.where(t > t_max, t_max / t, torch.ones_like(t))[:, None]
+    inner = torch.minimum(t, torch.tensor(t_max, dtype=torch.float64))
+    c_skip, c_out = f.coefficients(inner)
+    expected = c_skip[:, None] * scale * noise + c_out[:, None] * f.backbone(scale * noise, inner)
+    torch.testing.assert_close(f(noise, t), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(f(noise, t)[8:], (c_skip[:, None] * noise + c_out[:, None] * f.backbone(noise, inner))[8:])
+
+
+def test_one_step_and_multistep_sampling_start_at_t_max():
+    torch.manual_seed(0)
+    cd = method("cd", LinearTeacher())
+    f = cd.build_student(mlp()).eval()
+    t_max = SIGMA_MAX / (1 + SIGMA_MAX)
+    noise = torch.randn(32, 2)
+    at = lambda t: torch.full((32,), t)  # noqa: E731
+    registries = distillkit.get_registries()
+    sampler = registries.samplers.get("consistency")(NoOptions(), SamplerContext(integrator=registries.integrators.get("euler")))
+    with torch.no_grad():
+        one_step = f(t_max * noise, at(t_max))
+        model = cd.sampling_model(f)
+        # The consistency sampler (NFE 1 and 2, uniform grid) and Euler on the implied velocity.
+        torch.testing.assert_close(sampler.sample(model, noise, distillkit.uniform_grid(1), None), one_step)
+        z = torch.randn(32, 2)
+        a, b = (1 - 0.5) / (1 - f.t_min), math.sqrt(0.25 - ((1 - 0.5) / (1 - f.t_min) * f.t_min) ** 2)
+        two_steps = sampler.sample(model, noise, distillkit.uniform_grid(2), lambda k: z)
+        torch.testing.assert_close(two_steps, f(a * one_step + b * z, at(0.5)))
+        euler = distillkit.integrate(cd.velocity_fn(f), noise, distillkit.uniform_grid(1), "euler")
+        torch.testing.assert_close(euler, one_step, rtol=0, atol=1e-6)
+
+
+def test_the_t_grid_samples_as_before_the_sigma_grid():
+    # grid = t (every older run): no start rule, f at t = 1 is the formula at t = 1 (c_skip = 0).
+    torch.manual_seed(0)
+    f = method("cd", LinearTeacher(), grid="t").build_student(mlp()).double()
+    assert f.t_max == 1.0
+    noise = torch.randn(8, 2, dtype=torch.float64)
+    ones = torch.ones(8, dtype=torch.float64)
+    torch.testing.assert_close(f(noise, ones), SIGMA_D * f.backbone(noise, ones), rtol=1e-12, atol=1e-12)
+    # ... and so does a t grid with t_max < 1 (the rule would change its old samples).
+    f = method("cd", LinearTeacher(), grid="t", t_max=0.9).build_student(mlp())
+    assert f.t_max == 1.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,15 +376,16 @@ def draws(seed, n, points):
     return eps, index
 
 
-def test_cd_loss_is_one_heun_step_of_the_teacher_then_the_consistency_distance():
+@pytest.mark.parametrize("grid_name", ["sigma", "t"])
+def test_cd_loss_is_one_heun_step_of_the_teacher_then_the_consistency_distance(grid_name):
     teacher = LinearTeacher()
-    cd = method("cd", teacher, num_points=6)
+    cd = method("cd", teacher, num_points=6, grid=grid_name)
     x0 = torch.randn(16, 2, dtype=torch.float64)
     f = Recording()
     out = cd.loss(f, Batch(x0), torch.Generator().manual_seed(3), 0)
     assert teacher.calls == 2  # heun: two stages
     eps, index = draws(3, 16, 6)
-    grid = [(1 + i / 5 * (T_MIN ** (1 / 7) - 1)) ** 7 for i in range(6)]
+    grid = GRIDS[grid_name](6)
     t_a = torch.tensor([grid[i] for i in index], dtype=torch.float64)[:, None]
     t_b = torch.tensor([grid[i + 1] for i in index], dtype=torch.float64)[:, None]
     x_a = (1 - t_a) * x0 + t_a * eps
@@ -241,17 +403,18 @@ def test_cd_loss_is_one_heun_step_of_the_teacher_then_the_consistency_distance()
     assert cd.network_evals_per_step() == {"with_grad": 1, "no_grad": 3}
 
 
-def test_ct_loss_uses_the_same_noise_at_both_times():
-    ct = method("ct", total_steps=100, distance="l1")
+@pytest.mark.parametrize("grid_name", ["sigma", "t"])
+@pytest.mark.parametrize("step", [0, 50])
+def test_ct_loss_uses_the_same_noise_at_both_times(grid_name, step):
+    ct = method("ct", total_steps=100, distance="l1", grid=grid_name)
     x0 = torch.randn(16, 2, dtype=torch.float64)
     f = Recording()
     ct.prepare(f, None)
-    step = 50
-    points = num_points(step, 100, 2, 150)
+    points = num_points(step, 100, 2, 150)  # N(k): 2, then 107 (the curriculum)
     out = ct.loss(f, Batch(x0), torch.Generator().manual_seed(5), step)
     assert out.metrics["num_points"] == points
     eps, index = draws(5, 16, points)
-    grid = time_grid(points, 7.0, T_MIN, 1.0)
+    grid = torch.tensor(GRIDS[grid_name](points), dtype=torch.float64)
     t_a, t_b = grid[index][:, None], grid[index + 1][:, None]
     online = ((1 - t_a) * x0 + t_a * eps) * 0.8 + t_a
     target = ((1 - t_b) * x0 + t_b * eps) * 0.8 + t_b
@@ -338,3 +501,60 @@ def test_bad_options_are_one_line_config_errors():
             cls.config_class(**{key: value})
     with pytest.raises(distillkit.ConfigError, match="s1"):
         distillkit.get_registries().methods.get("ct").config_class(s0=10, s1=5)
+
+
+@pytest.mark.parametrize("name", ["cd", "ct"])
+def test_a_checkpoint_from_before_the_grid_option_loads_with_the_t_grid(name, tmp_path):
+    from distillkit.config import run_config_from_dict
+    from distillkit.resolve import resolve
+    from distillkit.trained import CONVENTION
+    from distillkit.training.build import build_model
+    from distillkit.training.checkpoint import FORMAT, VERSION, save_atomic
+
+    tree = {"method": name, "dataset": "toy2d", "backbone_options": {"hidden": 16}, "runs_dir": str(tmp_path),
+            "teacher": "toy2d-exact" if name == "cd" else "",
+            "method_options": {"grid": "t"}}
+    resolved = resolve(run_config_from_dict(tree), distillkit.get_registries())
+    _, network = build_model(resolved, DataSpec((2,)), torch.device("cpu"), seed=0)
+    config = resolved.to_dict()
+    for key in ("grid", "sigma_min", "sigma_max"):  # what a run from before the option recorded
+        del config["method_options"][key]
+    state = network.state_dict()
+    path = save_atomic({"format": FORMAT, "version": VERSION, "convention": CONVENTION, "config": config,
+                        "data_spec": {"shape": [2], "num_classes": None}, "run_id": None, "step": 1,
+                        "student": state, "ema": state, "emas": {}}, tmp_path / "old" / "checkpoint.pt")
+    trained = distillkit.load_trained_model(path)
+    assert trained.method.config == resolved.method_config and trained.method.config.grid == "t"
+    assert (trained.model.t_min, trained.model.t_max) == (T_MIN, 1.0)
+    # Its one-step sample is f at t = 1 itself (edm: c_skip = 0, c_out = sigma_d), as it was.
+    noise = torch.randn(8, 2)
+    with torch.no_grad():
+        expected = SIGMA_D * trained.model.backbone(noise, torch.ones(8))
+        torch.testing.assert_close(trained.sampling_model().denoise(noise, torch.ones(8)), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# recipes
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("c[dt]-*.toml"))
+
+
+def test_there_are_cd_and_ct_recipes_for_mnist_and_cifar10():
+    assert {f.stem for f in RECIPES} == {"cd-cifar10", "cd-mnist", "ct-cifar10", "ct-mnist"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[f.stem for f in RECIPES])
+def test_recipe_resolves_with_the_values_it_sets_on_cms_sigma_grid(capsys, path):
+    tree = tomllib.loads(path.read_text())
+    argv = ["run", "--config", str(path), "--dry-run"]
+    if tree["method"] == "cd":
+        argv += ["--teacher", "toy2d-exact"]  # not loaded by --dry-run; only required to be set
+    assert main(argv) == 0
+    out = tomllib.loads(capsys.readouterr().out)
+    for section in ("train", "sample", "method_options", "backbone_options"):
+        for key, value in tree.get(section, {}).items():
+            assert out[section][key] == (pytest.approx(value) if not isinstance(value, str) else value), f"{section}.{key}"
+    options = out["method_options"]
+    assert (options["grid"], options["sigma_min"], options["sigma_max"], options["rho"]) == ("sigma", 0.002, 80.0, 7.0)
+    assert options["t_max"] == 80 / 81

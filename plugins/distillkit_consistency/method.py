@@ -2,7 +2,9 @@
 written from Song, Dhariwal, Chen and Sutskever, "Consistency Models" (ICML 2023) and mapped into
 the project's convention (t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps).
 
-Per sample, with the decreasing grid t_0 = t_max > ... > t_{N-1} = t_min (``time_grid``):
+Per sample, with the decreasing grid t_0 = t_max > ... > t_{N-1} = t_min (``grid = sigma``, the
+default: consistency models' Karras grid in sigma in [0.002, 80] mapped by t = sigma / (1 + sigma),
+``sigma_grid``; ``grid = t``: the same schedule directly in t in [0.002, 1], ``time_grid``):
 
     i ~ U{0, ..., N - 2},  x_a = (1 - t_i) x + t_i eps
     cd: x_b = one step of the teacher's probability-flow ODE from t_i to t_{i+1} (any integrator)
@@ -28,7 +30,15 @@ import distillkit
 from distillkit import validators
 from distillkit import Batch, LossOutput, Method, SamplingModel, TargetNetwork, rk_step_per_sample, straight_path
 
-from .parameterization import PARAMETERIZATIONS, ConsistencyFunction, implied_velocity, time_grid
+from .parameterization import (
+    GRIDS,
+    PARAMETERIZATIONS,
+    ConsistencyFunction,
+    implied_velocity,
+    sigma_grid,
+    sigma_to_t,
+    time_grid,
+)
 from .schedules import num_points, target_rate
 from distillkit import copy_teacher_weights
 
@@ -54,20 +64,86 @@ def _t_max(instance, attribute, value):
     validators.require(validators.is_number(value) and 0.5 <= value <= 1.0, attribute, value, "a number in [0.5, 1]")
 
 
+# The sigma grid's ends keep its times where the t grid's are: t_min < 0.5 <= t_max < 1.
+def _sigma_min(instance, attribute, value):
+    validators.require(validators.is_number(value) and 0.0 < value < 1.0, attribute, value,
+                       "a number in (0, 1) (t_min = sigma_min / (1 + sigma_min) < 0.5)")
+
+
+def _sigma_max(instance, attribute, value):
+    validators.require(validators.is_number(value) and value >= 1.0, attribute, value,
+                       "a finite number >= 1 (t_max = sigma_max / (1 + sigma_max) >= 0.5)")
+
+
+def _optional(check):
+    return attrs.validators.optional(check)
+
+
+#: Defaults of each grid's ends.
+SIGMA_ENDS = {"sigma_min": 0.002, "sigma_max": 80.0}
+T_ENDS = {"t_min": 0.002, "t_max": 1.0}
+
+
 @attrs.frozen
 class _ConsistencyOptions:
-    #: Karras-grid exponent (grid in t; rho = 1: uniform)
+    """The grid and the consistency function's options.
+
+    ``grid`` left unset is ``t`` when the options name t_min or t_max and ``sigma`` otherwise: the
+    resolved config of every run from before the sigma grid names both and no grid (a checkpoint
+    carries its resolved config), so such a run keeps the t grid it was trained on. After
+    construction every option of the chosen grid is set: under ``sigma``, t_min and t_max are its
+    ends' times (given ones must be those), under ``t`` sigma_min and sigma_max stay unset.
+    """
+
+    #: sigma: consistency models' Karras grid in sigma, mapped by t = sigma / (1 + sigma); t: in t
+    grid: Optional[str] = attrs.field(default=None, validator=_optional(validators.one_of(*GRIDS)))
+    #: Karras-grid exponent (in sigma or in t; rho = 1: uniform)
     rho: float = attrs.field(default=7.0, validator=validators.positive_number)
-    #: the data end of the grid: f(x, t_min) = x exactly
-    t_min: float = attrs.field(default=0.002, validator=_t_min)
-    #: the noise end of the grid (1: the one-step sampler's start is trained)
-    t_max: float = attrs.field(default=1.0, validator=_t_max)
+    #: the data end of the grid: f(x, t_min) = x exactly (grid = sigma: sigma_min / (1 + sigma_min))
+    t_min: Optional[float] = attrs.field(default=None, validator=_optional(_t_min))
+    #: the noise end of the grid (grid = sigma: sigma_max / (1 + sigma_max), and f starts there from t = 1)
+    t_max: Optional[float] = attrs.field(default=None, validator=_optional(_t_max))
+    #: EDM noise level at the data end of the sigma grid
+    sigma_min: Optional[float] = attrs.field(default=None, validator=_optional(_sigma_min))
+    #: EDM noise level at the noise end of the sigma grid
+    sigma_max: Optional[float] = attrs.field(default=None, validator=_optional(_sigma_max))
     #: data standard deviation in the edm parameterisation
     sigma_data: float = attrs.field(default=0.5, validator=validators.positive_number)
     parameterization: str = attrs.field(default="edm", validator=validators.one_of(*PARAMETERIZATIONS))
     distance: str = attrs.field(default="l2", validator=validators.one_of(*DISTANCES))
     #: pseudo-Huber c; 0 = 0.00054 sqrt(d) as in improved consistency training (d: sample size)
     huber_c: float = attrs.field(default=0.0, validator=validators.non_negative_number)
+
+    def __attrs_post_init__(self):
+        t_given = self.t_min is not None or self.t_max is not None
+        grid = self.grid if self.grid is not None else ("t" if t_given else "sigma")
+        ends = self._sigma_ends() if grid == "sigma" else self._t_ends()
+        for name, value in {"grid": grid, **ends}.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
+
+    def _sigma_ends(self) -> dict:
+        # sigma_min < 1 <= sigma_max (validators), so the ends are ordered.
+        sigmas = {name: default if getattr(self, name) is None else getattr(self, name) for name, default in SIGMA_ENDS.items()}
+        times = {"t_min": sigma_to_t(sigmas["sigma_min"]), "t_max": sigma_to_t(sigmas["sigma_max"])}
+        for name, time in times.items():
+            given, sigma = getattr(self, name), name.replace("t_", "sigma_")
+            if given is not None and given != time:
+                raise distillkit.ConfigError(name, given, f"unset under grid = sigma (its {name} is {sigma}/(1 + {sigma}) = "
+                                             f"{time!r}): set {sigma}, or grid = t")
+        return {**sigmas, **times}
+
+    def _t_ends(self) -> dict:
+        for name in SIGMA_ENDS:
+            if getattr(self, name) is not None:
+                raise distillkit.ConfigError(name, getattr(self, name), "unset under grid = t, whose ends are t_min and "
+                                             "t_max; or grid = sigma")
+        return {name: default if getattr(self, name) is None else getattr(self, name) for name, default in T_ENDS.items()}
+
+    def time_grid(self, num_points: int) -> torch.Tensor:
+        """The decreasing grid t_0 = t_max > ... > t_{N-1} = t_min of ``num_points`` points (float64)."""
+        if self.grid == "sigma":
+            return sigma_grid(num_points, self.rho, self.sigma_min, self.sigma_max)
+        return time_grid(num_points, self.rho, self.t_min, self.t_max)
 
 
 @attrs.frozen
@@ -92,6 +168,7 @@ class CTConfig(_ConsistencyOptions):
     mu0: float = attrs.field(default=0.9, validator=validators.unit_interval)
 
     def __attrs_post_init__(self):
+        super().__attrs_post_init__()
         if self.s1 + 1 < self.s0:
             raise distillkit.ConfigError("s1", self.s1, f"an integer >= s0 - 1 = {self.s0 - 1} (N grows from s0 to s1 + 1)")
 
@@ -135,7 +212,11 @@ class _ConsistencyMethod(Method):
     # the student, sampling ------------------------------------------------------------------------
     def build_student(self, backbone):
         cfg = self.config
-        return ConsistencyFunction(backbone, cfg.parameterization, cfg.t_min, cfg.sigma_data)
+        # Sampling starts at t = 1, above the sigma grid's t_max = 80/81: f's start rule moves the
+        # noise onto t_max there (parameterization.start_above_t_max). The t grid keeps what its runs
+        # did before the rule: f evaluated at the t given (t_max = 1 by default: nothing lies above).
+        start = cfg.t_max if cfg.grid == "sigma" else 1.0
+        return ConsistencyFunction(backbone, cfg.parameterization, cfg.t_min, cfg.sigma_data, start)
 
     def velocity_fn(self, student, cond=None):
         """The implied velocity (x - f(x, t)) / t: one Euler step from t to 0 is f(x, t), so Euler
@@ -205,6 +286,7 @@ class _ConsistencyMethod(Method):
         return {
             f"distillkit.{self.name}.parameterization": self.config.parameterization,
             f"distillkit.{self.name}.distance": self.config.distance,
+            f"distillkit.{self.name}.grid": self.config.grid,
         }
 
 
@@ -217,7 +299,7 @@ class ConsistencyDistillation(_ConsistencyMethod):
         super().__init__(config, context)
         integrators = context.integrators if context.integrators is not None else distillkit.get_registries().integrators
         self.tableau = integrators.get(config.teacher_integrator)
-        self.grid = time_grid(config.num_points, config.rho, config.t_min, config.t_max)
+        self.grid = config.time_grid(config.num_points)
         self.init_source = "random"
 
     def _keeps_target_copy(self) -> bool:
@@ -294,7 +376,7 @@ class ConsistencyTraining(_ConsistencyMethod):
         n = x0.shape[0]
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         index = torch.randint(0, points - 1, (n,), generator=generator, device=x0.device)
-        grid = time_grid(points, cfg.rho, cfg.t_min, cfg.t_max).to(device=x0.device, dtype=x0.dtype)
+        grid = cfg.time_grid(points).to(device=x0.device, dtype=x0.dtype)  # N(k) points of the chosen grid
         t_a, t_b = grid[index], grid[index + 1]
         x_a, _ = straight_path(x0, eps, t_a)
         x_b, _ = straight_path(x0, eps, t_b)  # the same eps: no teacher

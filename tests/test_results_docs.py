@@ -185,3 +185,49 @@ def test_the_check_fails_on_a_number_the_file_does_not_hold(results):
 
 def test_the_check_fails_on_numbers_without_a_cited_file(results):
     assert unsourced("# Results\n\nfm ran 881.6 images/s.\n", results)
+
+
+# --------------------------------------------------------------------------------------------
+# plan-real-scale.md: the derived GPU-hours are what the recipes and method-cost-h200.json give
+
+ROOT = RESULTS.parent.parent
+HOURS_ROW = re.compile(r"^\| `([\w\-]+\.toml)[^`]*`[^|]*\| (cud[\w\-]*) \| [^|]* \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$")
+
+
+def plan_cost_rows(text: str) -> list[tuple[str, str, str, str, str]]:
+    return [m.groups() for m in map(HOURS_ROW.match, text.splitlines()) if m]
+
+
+def expected_hours(recipe: str, label: str, cost: dict) -> tuple[float, float]:
+    """(seconds per step, hours on one GPU): steps x s/step x (recipe batch / measured batch)."""
+    import statistics as stats
+    import tomllib
+
+    train = tomllib.loads((ROOT / "recipes" / recipe).read_text())["train"]
+    seconds = stats.median(run["seconds_per_step"] for run in cost["rows"][label]["runs"])
+    per_image_scale = train["batch_size"] / 128  # method-cost-h200 measured batch 128
+    return seconds, train["max_steps"] * seconds * per_image_scale / 3600
+
+
+def close_to_printed(printed: str, value: float) -> bool:
+    digits = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(float(printed) - value) <= 0.5 * 10.0 ** -digits + 1e-9
+
+
+def test_the_plans_gpu_hours_follow_from_the_recipes_and_the_measured_cost():
+    cost = json.loads((RESULTS / "method-cost-h200.json").read_text())
+    assert cost["args"]["preset"] == "cifar10" and "batch 128" in (RESULTS / "method-cost-h200.md").read_text()
+    rows = plan_cost_rows((RESULTS / "plan-real-scale.md").read_text())
+    assert {row[1] for row in rows} == {"cud-euler", "cud-rk2", "cud-rk3", "cud-stage2"}
+    for recipe, label, seconds, one_gpu, eight_gpus in rows:
+        measured, hours = expected_hours(recipe, label, cost)
+        assert close_to_printed(seconds, measured), (recipe, label, seconds, measured)
+        assert close_to_printed(one_gpu, hours), (recipe, label, one_gpu, hours)
+        assert close_to_printed(eight_gpus, hours / 8), (recipe, label, eight_gpus, hours / 8)
+
+
+def test_the_plans_measured_vs_paper_table_is_empty_until_runs_exist():
+    text = (RESULTS / "plan-real-scale.md").read_text()
+    table = text[text.index("## FID measured vs paper"):]
+    rows = [line for line in table.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    assert rows[0].startswith("| recipe | NFE |") and len(rows) == 1, "a row needs its run and results file"

@@ -65,8 +65,9 @@ def training_peak_rss_mb(work) -> float:
     """Peak resident memory while ``work()`` runs, above the resident memory before it, in MiB.
 
     The process's own peak (``ru_maxrss``) is dominated by what every method shares (torch and the
-    libraries distillkit loads, ~0.8 GiB): it read 932.05 MiB for every method at digits scale. So the kernel's high-water mark is reset first
-    (Linux: ``5`` into ``/proc/self/clear_refs``) and read back after."""
+    libraries distillkit loads, ~0.8 GiB): it read 932.05 MiB for every method at digits scale. So
+    the kernel's high-water mark is reset first (Linux: ``5`` into ``/proc/self/clear_refs``) and
+    read back after."""
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     work()
@@ -191,8 +192,8 @@ def main() -> None:
     if device.type != "cuda":
         lines.append("\nCPU peak memory: in a separate process per method, how far 1 + 3 training steps (build and "
                      "`prepare` included) raise the resident set above what it held before them (the kernel's "
-                     "high-water mark, reset first); not the process's own peak, which what every method shares (torch and the "
-                     "libraries distillkit loads) dominates." +
+                     "high-water mark, reset first); not the process's own peak, which is dominated by what every "
+                     "method shares (torch and the libraries distillkit loads)." +
                      (" Not measured (`--no-memory`): nan." if args.no_memory else ""))
     else:
         lines.append("\nPeak memory: `torch.cuda.max_memory_allocated` during the method's timed runs.")

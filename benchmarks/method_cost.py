@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,14 +45,34 @@ def teacher_kind(method: str) -> str:
 
 
 def peak_rss_mb(label: str, args) -> float:
-    """Peak resident memory of a separate process that trains ``label`` for a few steps (on a CPU
-    the process's peak is the only honest per-method figure)."""
+    """How far training ``label`` for a few steps raises the resident memory of a separate process
+    above what it held before (see ``training_peak_rss_mb``)."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import method_cost as m; "
             f"m.one_process({label!r}, {args.preset!r}, {args.precision!r}, {args.threads})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"{label}: memory probe failed: {out.stderr.strip().splitlines()[-1:]}")
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def training_peak_rss_mb(work) -> float:
+    """Peak resident memory while ``work()`` runs, above the resident memory before it, in MiB.
+
+    The process's own peak (``ru_maxrss``) is dominated by what every method shares (torch and the
+    libraries distillkit loads, ~0.8 GiB): it read 932.05 MiB for every method at digits scale. So
+    the kernel's high-water mark is reset first (Linux: ``5`` into ``/proc/self/clear_refs``) and
+    read back after."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    work()
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def one_process(label: str, preset: str, precision: str, threads: int) -> None:
@@ -67,8 +86,18 @@ def one_process(label: str, preset: str, precision: str, threads: int) -> None:
         tree = config_tree(label, preset, device=device, steps=1, precision=precision,
                            method_options=method_options(method, PRESETS[preset]["batch"]),
                            teacher="benchmark" if teacher else "")
-        time_training(tree, dataset, device, warmup=1, timed=3, teacher=teacher, work=Path(work))
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        peak = training_peak_rss_mb(lambda: time_training(tree, dataset, device, warmup=1, timed=3, teacher=teacher,
+                                                          work=Path(work)))
+    print(json.dumps({"peak_rss_mb": peak}))
+
+
+def rounds_note(rows: dict, asked: int) -> str:
+    """Say which methods have fewer timed rounds than asked (``--time-limit`` drops later rounds first)."""
+    short = [f"{label} {len(row['runs'])}" for label, row in rows.items() if row["runs"] and len(row["runs"]) < asked]
+    if not short:
+        return f"every method completed all {asked} rounds"
+    return (f"{asked} rounds asked, fewer completed within `--time-limit` by: {', '.join(short)} "
+            "(the `rounds` column; with one round there is no median and no spread)")
 
 
 def _needs_teacher(method: str) -> bool:
@@ -135,12 +164,13 @@ def main() -> None:
     fm_rate = median([run["images_per_second"] for run in rows["fm"]["runs"]])
     lines = [header(f"Method cost per training step ({args.preset}, {args.precision})", info, command_line()),
              f"{describe_preset(args.preset)}, through distillkit's trainer. Per method: {args.warmup} untimed + {args.steps} timed steps, "
-             f"{args.rounds} rounds alternating over all methods; images/s is the median over rounds. Network "
+             f"up to {args.rounds} rounds alternating over all methods; images/s is the median over the rounds a method "
+             f"completed ({rounds_note(rows, args.rounds)}). Network "
              "evaluations per step are the method's own count (`Method.network_evals_per_step`). Distillation "
              "methods use an untrained teacher of the same network (a teacher evaluation costs the same trained or not). "
              "Start-up: build + `prepare` (teacher pairs / trajectories, scaled to 4 batches here) + the first step.", "",
-             "| method | network evals / step (grad + no-grad + JVP) | once, at the recipe's defaults | images/s | time per step vs fm | peak memory MiB | start-up s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| method | network evals / step (grad + no-grad + JVP) | once, at the recipe's defaults | images/s | time per step vs fm | rounds | peak memory MiB | start-up s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         runs = rows[label]["runs"]
         if not runs:
@@ -159,10 +189,13 @@ def main() -> None:
         rows[label].update(evals=evals, evals_once=once, images_per_second=rate, relative_time=fm_rate / rate, peak_memory_mb=memory,
                            startup_seconds=median([run["startup_seconds"] for run in runs]))
         lines.append(f"| {label} | {evals['with_grad']} + {evals['no_grad']} + {evals.get('jvp', 0)} | {once:,} | {rate:,.0f} | {fm_rate / rate:.2f}× | "
-                     f"{memory:,.0f} | {rows[label]['startup_seconds']:.1f} |")
+                     f"{len(runs)} | {memory:,.0f} | {rows[label]['startup_seconds']:.1f} |")
     if device.type != "cuda":
-        lines.append("\nCPU peak memory is each method's own process's peak resident set (including the Python "
-                     "interpreter and libraries, ~0.5 GiB): compare the differences.")
+        lines.append("\nCPU peak memory: in a separate process per method, how far 1 + 3 training steps (build and "
+                     "`prepare` included) raise the resident set above what it held before them (the kernel's "
+                     "high-water mark, reset first); not the process's own peak, which is dominated by what every "
+                     "method shares (torch and the libraries distillkit loads)." +
+                     (" Not measured (`--no-memory`): nan." if args.no_memory else ""))
     else:
         lines.append("\nPeak memory: `torch.cuda.max_memory_allocated` during the method's timed runs.")
     if skipped:

@@ -62,11 +62,13 @@ def test_resume_continues_bitwise_identically_across_epochs(tmp_path):
     assert a["data"][0]["epoch"] == b["data"][0]["epoch"] == 2
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on a CPU needs a C compiler (cc or gcc)")
-def test_a_compiled_run_with_graph_capture_trains_and_resumes_bitwise(tmp_path, monkeypatch):
-    """``train.compile_mode=reduce-overhead`` reaches torch.compile (on a CPU it compiles without
-    CUDA graphs), and a crashed compiled run resumes to the uninterrupted one's state."""
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                                 reason="torch.compile on a CPU needs a C compiler (cc or gcc)")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_compiled_run_with_graph_capture_trains_and_resumes_bitwise(device, tmp_path, monkeypatch):
+    """``train.compile_mode=reduce-overhead`` reaches torch.compile (CUDA graphs on a GPU; on a CPU
+    it compiles without them), and a crashed compiled run resumes to the uninterrupted one's state."""
     modes = []
     real_compile = torch.compile
 
@@ -75,9 +77,14 @@ def test_a_compiled_run_with_graph_capture_trains_and_resumes_bitwise(tmp_path, 
         return real_compile(model, **kw)
 
     monkeypatch.setattr(torch, "compile", spy)
-    tree = {**TREE, "train": {**TREE["train"], "compile": True, "compile_mode": "reduce-overhead"}}
+    from torch._dynamo.utils import counters
+
+    declined = counters["inductor"]["cudagraph_skips"]
+    tree = {**TREE, "device": device, "train": {**TREE["train"], "compile": True, "compile_mode": "reduce-overhead"}}
     whole = train(resolved(tree), NullTracker(), tmp_path / "whole", progress=False)
     assert modes == ["reduce-overhead"] and torch.isfinite(torch.tensor(whole.final_loss))
+    if device == "cuda":  # inductor falls back to kernels without graphs, with a warning, where it cannot capture
+        assert counters["inductor"]["cudagraph_skips"] == declined, "CUDA graph capture was declined (see the log)"
     with pytest.raises(Crash):
         train(resolved(tree), NullTracker(), tmp_path / "parts", progress=False, on_step=crash_at(9))
     payload = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")

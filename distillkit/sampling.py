@@ -92,8 +92,8 @@ def fresh_noise_source(first_seed: int, count: int, shape: tuple[int, ...], *,
 class _Gathered:
     """The batches' results in one preallocated CPU tensor. From a CUDA device each batch is copied
     without blocking into pinned memory, and that copy is waited for one batch later (or before
-    the tensor is returned): a blocking ``.cpu()`` would stall the CPU, which draws the next
-    batch's noise meanwhile, and a final ``torch.cat`` would copy every sample once more."""
+    the tensor is returned): with a blocking ``.cpu()`` the CPU waits for every batch and the GPU
+    then idles until the next one is queued, and a final ``torch.cat`` copies every sample again."""
 
     def __init__(self, n: int, asynchronous: bool):
         self.n = n
@@ -105,11 +105,11 @@ class _Gathered:
         if self.out is None:  # the result's dtype and shape are known only now
             self.out = torch.empty((self.n, *result.shape[1:]), dtype=result.dtype, pin_memory=self.asynchronous)
         self.out[start : start + len(result)].copy_(result, non_blocking=self.asynchronous)
-        if self.asynchronous:
+        if self.asynchronous and result.is_cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(result.device))
             previous, self.pending = self.pending, event
-            if previous is not None:  # one batch in flight at most: bounds what the queue holds
+            if previous is not None:  # the CPU stays at most one batch ahead of the GPU
                 previous.synchronize()
 
     def result(self, shape: tuple[int, ...]) -> torch.Tensor:

@@ -89,7 +89,7 @@ def variant_parts(label: str) -> tuple[str, Optional[str]]:
 
 def config_tree(label: str, preset: str, *, device: torch.device, steps: int, batch: Optional[int] = None,
                 precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                method_options: Optional[dict] = None, teacher: str = "") -> dict:
+                compile_mode: str = "default", method_options: Optional[dict] = None, teacher: str = "") -> dict:
     method, integrator = variant_parts(label)
     p = PRESETS[preset]
     return {
@@ -97,7 +97,8 @@ def config_tree(label: str, preset: str, *, device: torch.device, steps: int, ba
         "backbone": p["backbone"], "backbone_options": dict(p["backbone_options"]),
         "method_options": dict(method_options or {}), "device": str(device), "seed": 0, "teacher": teacher,
         "train": {"batch_size": batch or p["batch"], "max_steps": steps, "precision": precision,
-                  "channels_last": channels_last, "compile": compile, "checkpoint_every": 0, "sample_every": 0},
+                  "channels_last": channels_last, "compile": compile, "compile_mode": compile_mode,
+                  "checkpoint_every": 0, "sample_every": 0},
         # Only used if a run reaches its end (teacher checkpoints): keep that evaluation trivial.
         "sample": {"num_samples": 8, "nfe": [1], "reference_integrator": "euler", "reference_steps": 1},
     }

@@ -153,7 +153,13 @@ def main() -> None:
             if not rows[label]["runs"] and not deadline.allows(30):
                 skipped.append(label)
                 continue
-            rows[label]["runs"].append(measure(label))
+            try:
+                rows[label]["runs"].append(measure(label))
+            except Exception as exc:  # e.g. a JVP a device path cannot take: a result to report, not a crash
+                rows[label]["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                print(f"{label}: {rows[label]['error']}", file=sys.stderr, flush=True)
+                skipped.append(label)
+                continue
             rows[label]["seconds"] = time.monotonic() - begun
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
@@ -173,6 +179,9 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         runs = rows[label]["runs"]
+        if "error" in rows[label]:
+            lines.append(f"| {label} | failed: {rows[label]['error']} | | | | | |")
+            continue
         if not runs:
             continue
         tree, teacher = setups[label]
@@ -198,8 +207,8 @@ def main() -> None:
                      (" Not measured (`--no-memory`): nan." if args.no_memory else ""))
     else:
         lines.append("\nPeak memory: `torch.cuda.max_memory_allocated` during the method's timed runs.")
-    if skipped:
-        lines.append(f"\nSkipped for lack of time: {', '.join(skipped)}.")
+    if short := [label for label in skipped if "error" not in rows[label]]:
+        lines.append(f"\nSkipped for lack of time: {', '.join(short)}.")
     write_result(args.out, "\n".join(lines) + "\n",
                  {"machine": info, "args": vars(args), "rows": rows, "skipped": skipped})
 

@@ -99,6 +99,17 @@ def _network_overrides(instance, attribute, value) -> None:
         instance.optimizer_config(name)
 
 
+#: torch.compile's modes (``train.compile_mode``); "reduce-overhead" and "max-autotune" capture
+#: CUDA graphs on a GPU (on a CPU they compile without them).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _needs_compile(instance, attribute, value) -> None:
+    """A compile mode without ``train.compile`` would silently do nothing."""
+    if value != "default" and not instance.compile:
+        raise ConfigError(attribute.name, value, "a mode of torch.compile, which needs train.compile=true")
+
+
 @attrs.frozen
 class TrainConfig:
     max_steps: int = option(2000, positive_int, cli="--max-steps", help="optimizer steps to train")
@@ -131,6 +142,10 @@ class TrainConfig:
                             help="fp32, tf32 (CUDA matmuls), bf16 autocast or fp16 autocast with loss scaling")
     channels_last: bool = option(False, help="channels-last memory format for image models")
     compile: bool = option(False, help="torch.compile each trained network")
+    compile_mode: str = option(
+        "default", one_of(*COMPILE_MODES), _needs_compile,
+        help="torch.compile's mode with train.compile: default, reduce-overhead (CUDA graphs on a GPU: for networks "
+             "whose steps are bound by kernel launches), max-autotune or max-autotune-no-cudagraphs")
     log_every: int = option(25, positive_int, help="steps between logged training metrics")
     checkpoint_every: int = option(0, non_negative_int, cli="--checkpoint-every",
                                    help="steps between checkpoints (0 = none by step count)")

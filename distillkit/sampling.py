@@ -89,6 +89,37 @@ def fresh_noise_source(first_seed: int, count: int, shape: tuple[int, ...], *,
     return draw
 
 
+class _Gathered:
+    """The batches' results in one preallocated CPU tensor. From a CUDA device each batch is copied
+    without blocking into pinned memory, and that copy is waited for one batch later (or before
+    the tensor is returned): with a blocking ``.cpu()`` the CPU waits for every batch and the GPU
+    then idles until the next one is queued, and a final ``torch.cat`` copies every sample again."""
+
+    def __init__(self, n: int, asynchronous: bool):
+        self.n = n
+        self.asynchronous = asynchronous  # pinned memory needs CUDA
+        self.out: Optional[torch.Tensor] = None
+        self.pending = None  # the CUDA event after the previous batch's copy
+
+    def put(self, start: int, result: torch.Tensor) -> None:
+        if self.out is None:  # the result's dtype and shape are known only now
+            self.out = torch.empty((self.n, *result.shape[1:]), dtype=result.dtype, pin_memory=self.asynchronous)
+        self.out[start : start + len(result)].copy_(result, non_blocking=self.asynchronous)
+        if self.asynchronous and result.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(result.device))
+            previous, self.pending = self.pending, event
+            if previous is not None:  # the CPU stays at most one batch ahead of the GPU
+                previous.synchronize()
+
+    def result(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Every batch's samples, their copies complete."""
+        if self.pending is not None:
+            self.pending.synchronize()
+            self.pending = None
+        return self.out if self.out is not None else torch.empty(0, *shape)
+
+
 def _seeded_batches(
     run_batch: Callable[[torch.Tensor, Optional[torch.Tensor], int], torch.Tensor],
     spec: DataSpec, n: int, seed: int, *, batch_size: int, device: torch.device | str,
@@ -102,18 +133,18 @@ def _seeded_batches(
         noise = prior_noise(min(batch_size, n - start), spec.shape, seed + start)
         return noise.pin_memory().to(device, non_blocking=True) if asynchronous else noise.to(device)
 
-    parts = []
+    gathered = _Gathered(n, asynchronous)
     starts = list(range(0, n, batch_size))
     noise = noise_at(0) if starts else None
     for index, start in enumerate(starts):
         cond = None if labels is None else labels[start : start + len(noise)].to(device)
         result = run_batch(noise, cond, seed + start)  # queued on the GPU
         # The next batch's noise is drawn on the CPU while the GPU works on this one; only then
-        # is this batch copied back (a copy issued after the next batch was queued would wait for
+        # is this batch's copy back queued (a copy queued after the next batch would wait for
         # that batch too, and leave the GPU idle while the CPU draws).
         noise = noise_at(starts[index + 1]) if index + 1 < len(starts) else None
-        parts.append(result.cpu())
-    return torch.cat(parts) if parts else torch.empty(0, *spec.shape)
+        gathered.put(start, result)
+    return gathered.result(spec.shape)
 
 
 @torch.no_grad()

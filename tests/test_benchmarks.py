@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,23 @@ def test_sampling_compares_with_the_raw_forward(tmp_path):
         assert set(by_way) == {"raw forward", "sample_ode", "sample_seeded"}
         assert all(finite_positive(v) for values in by_way.values() for v in values)
     assert data["full"]["count"] == 100 and finite_positive(data["full"]["seconds"])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on a CPU needs a C compiler (cc or gcc)")
+def test_speed_options_measures_graph_capture_against_strict_fp32(tmp_path):
+    """The setting the GPU call measures for launch-bound networks: on a CPU, reduce-overhead
+    compiles without CUDA graphs, and inductor's count says it declined to capture one."""
+    out = tmp_path / "speed.md"
+    done = run_script("speed_options.py", "--device", "cpu", "--preset", "tiny", "--settings", "fp32",
+                      "--compile", "tf32 + graphs", "--compile-budget", "0", "--warmup", "1", "--steps", "2",
+                      "--rounds", "1", "--out", str(out), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert set(data["results"]) == {"fp32", "tf32 + graphs"} and data["pending"] == [] and data["skipped"] == []
+    graphs = data["results"]["tf32 + graphs"]
+    assert finite_positive(graphs["images_per_second"][0]) and graphs["graph_skips"] >= 1
+    assert "| tf32 + graphs |" in out.read_text() and "capture declined" in out.read_text()
 
 
 def test_speed_options_rejects_an_unknown_setting_in_one_line(tmp_path):

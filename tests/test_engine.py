@@ -1,6 +1,7 @@
 """The training engine: exact resume, atomic checkpoints, retention, EMAs, DDP with gloo."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 import distillkit
 from distillkit.config import run_config_from_dict
+from distillkit.errors import ConfigError
 from distillkit.resolve import resolve
 from distillkit.tracking import NullTracker
 from distillkit.training.checkpoint import load_checkpoint, save_atomic
@@ -58,6 +60,48 @@ def test_resume_continues_bitwise_identically_across_epochs(tmp_path):
         assert_same_state(a["emas"][name], b["emas"][name])
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
     assert a["data"][0]["epoch"] == b["data"][0]["epoch"] == 2
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                                 reason="torch.compile on a CPU needs a C compiler (cc or gcc)")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_compiled_run_with_graph_capture_trains_and_resumes_bitwise(device, tmp_path, monkeypatch):
+    """``train.compile_mode=reduce-overhead`` reaches torch.compile (CUDA graphs on a GPU; on a CPU
+    it compiles without them), and a crashed compiled run resumes to the uninterrupted one's state."""
+    modes = []
+    real_compile = torch.compile
+
+    def spy(model, **kw):
+        modes.append(kw.get("mode"))
+        return real_compile(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    from torch._dynamo.utils import counters
+
+    declined = counters["inductor"]["cudagraph_skips"]
+    tree = {**TREE, "device": device, "train": {**TREE["train"], "compile": True, "compile_mode": "reduce-overhead"}}
+    whole = train(resolved(tree), NullTracker(), tmp_path / "whole", progress=False)
+    assert modes == ["reduce-overhead"] and torch.isfinite(torch.tensor(whole.final_loss))
+    if device == "cuda":  # inductor falls back to kernels without graphs, with a warning, where it cannot capture
+        assert counters["inductor"]["cudagraph_skips"] == declined, "CUDA graph capture was declined (see the log)"
+    with pytest.raises(Crash):
+        train(resolved(tree), NullTracker(), tmp_path / "parts", progress=False, on_step=crash_at(9))
+    payload = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
+    resumed = train(resolved(tree), NullTracker(), tmp_path / "parts", resume=payload, progress=False)
+    assert resumed.resumed_from_step == 8 and modes == ["reduce-overhead"] * 3
+    a, b = load_checkpoint(whole.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert_same_state(a["student"], b["student"])
+    for name in ("ema_0.9", "ema_0.99"):
+        assert_same_state(a["emas"][name], b["emas"][name])
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_a_compile_mode_without_compile_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="train.compile_mode='reduce-overhead' is not allowed: .*needs train.compile=true"):
+        run_config_from_dict({"train": {"compile_mode": "reduce-overhead"}})
+    with pytest.raises(ConfigError, match="one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"):
+        run_config_from_dict({"train": {"compile": True, "compile_mode": "graphs"}})
 
 
 def test_resume_reattaches_to_the_mlflow_run_without_relogging_params(tmp_path):

@@ -12,7 +12,8 @@ from distillkit import SamplingModel
 from distillkit.config import RunConfig
 from distillkit.errors import ConfigError, TimeGridError
 from distillkit.resolve import build_grid, build_sampler, resolve
-from distillkit.sampling import fresh_noise_source, generate
+from distillkit.integrators.stepper import integrate
+from distillkit.sampling import fresh_noise_source, generate, prior_noise, sample_seeded
 
 
 def registries():
@@ -155,6 +156,63 @@ def test_fresh_noise_is_per_sample_and_per_draw():
     shifted = fresh_noise_source(101, 3, (3,))
     torch.testing.assert_close(first(0)[1:], shifted(0), rtol=0, atol=0)
     assert not torch.equal(first(0), first(1))
+
+
+# ------------------------------------------------------------------------------------------------
+# the seeded batch loop
+
+
+def _conditional_velocity(device):
+    """A small conv velocity field whose output depends on the batch's labels (a real network's
+    kernels, so the CUDA path copies what a sampler computes)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1).to(device)
+    embed = torch.nn.Embedding(3, 2).to(device)
+
+    def velocity_for(cond):
+        return lambda x, t: conv(x) * t.view(-1, 1, 1, 1) + embed(cond).view(-1, 2, 1, 1)
+
+    return velocity_for
+
+
+def _batch_by_batch(velocity_for, spec, n, seed, time_grid, batch_size, device, labels):
+    """sample_seeded as the plain loop it stands for: each batch's prior noise integrated, copied
+    back with a blocking ``.cpu()``, the batches concatenated."""
+    parts = []
+    for start in range(0, n, batch_size):
+        noise = prior_noise(min(batch_size, n - start), spec.shape, seed + start).to(device)
+        cond = labels[start : start + len(noise)].to(device)
+        parts.append(integrate(velocity_for(cond), noise, time_grid, "heun").cpu())
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_sample_seeded_is_the_batches_of_integrate_on_prior_noise(device):
+    """Bitwise the blocking loop, on the CPU and (non-blocking copies into pinned memory) on CUDA."""
+    spec = distillkit.DataSpec((2, 5, 5), num_classes=3)
+    velocity_for = _conditional_velocity(device)
+    labels = torch.arange(23) % 3
+    time_grid = grid("uniform").make(3)
+    for n, batch_size in ((23, 5), (23, 23), (4, 10)):
+        got = sample_seeded(velocity_for, spec, n, 11, time_grid, "heun", batch_size=batch_size, device=device,
+                            labels=labels[:n])
+        expected = _batch_by_batch(velocity_for, spec, n, 11, time_grid, batch_size, device, labels)
+        assert got.device.type == "cpu" and got.shape == (n, 2, 5, 5)
+        assert got.is_pinned() == (device == "cuda")
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert sample_seeded(velocity_for, spec, 0, 11, time_grid, "heun", device=device).shape == (0, 2, 5, 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_on_cuda_is_generate_on_the_cpu_for_a_device_independent_model():
+    spec = distillkit.DataSpec((3,))
+    model = SamplingModel(denoise=lambda x, t: 0.5 * x + t.view(-1, 1))
+    time_grid = grid("uniform").make(3)
+    on_cpu = generate(lambda cond: model, sampler("consistency"), spec, 9, 7, time_grid, batch_size=4)
+    on_cuda = generate(lambda cond: model, sampler("consistency"), spec, 9, 7, time_grid, batch_size=4, device="cuda")
+    assert on_cuda.device.type == "cpu"
+    torch.testing.assert_close(on_cuda, on_cpu)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def wrap(network: Network, cfg: TrainConfig, distributed: Distributed, device: t
         network.ddp = DistributedDataParallel(network.module, device_ids=[device.index] if device.type == "cuda" else None)
         model = network.ddp
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
     network.model = model
 
 

@@ -1,7 +1,10 @@
 """``train.nonfinite_check=device``: the NaN/inf check decided on the device (a found-inf flag that
 fused Adam obeys) and read back one step late. A stop comes one step later and keeps the last
 good checkpoint; a skipped step leaves everything as if its update had not been applied; resume
-stays bitwise. On a CPU nothing runs ahead of the host, but the code path is the one a GPU runs."""
+stays bitwise. On a CPU nothing runs ahead of the host, but the code path is the one a GPU runs;
+``DISTILLKIT_TEST_DEVICE=cuda`` runs the single-network tests on a GPU (pinned copies, events)."""
+
+import os
 
 import attrs
 import pytest
@@ -20,6 +23,8 @@ from crashing import Crash, assert_same, crash_at
 from test_multi_network import GeneratorAndCritic, TwoNetworkPlugin
 from test_multi_network import tree as two_network_tree
 
+DEVICE = os.environ.get("DISTILLKIT_TEST_DEVICE", "cpu")
+
 
 @attrs.frozen
 class FaultOptions:
@@ -35,8 +40,8 @@ class NaNAt(Method):
 
     def loss(self, student, batch, generator, step):
         x0 = batch.x
-        eps = torch.randn(x0.shape, generator=generator)
-        t = torch.rand(x0.shape[0], generator=generator)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+        t = torch.rand(x0.shape[0], generator=generator, device=x0.device)
         x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
         loss = torch.nn.functional.mse_loss(student(x_t, t), eps - x0)
         if step == self.config.at and self.config.kind == "loss":
@@ -67,10 +72,10 @@ def plugins(monkeypatch):
                         plugin_manager.load_plugins([("faults", Plugin), ("two-networks", TwoNetworkPlugin)]))
 
 
-def resolved(at=-1, kind="loss", **train_options):
+def resolved(at=-1, kind="loss", device=DEVICE, **train_options):
     # toy2d with 448 points and batches of 64: 7 steps per epoch; dropout makes the global RNG matter.
     tree = {
-        "method": "nan-at", "dataset": "toy2d", "seed": 3, "method_options": {"at": at, "kind": kind},
+        "method": "nan-at", "dataset": "toy2d", "seed": 3, "method_options": {"at": at, "kind": kind}, "device": device,
         "dataset_options": {"train_size": 448}, "backbone_options": {"dropout": 0.1},
         "train": {"max_steps": 16, "batch_size": 64, "warmup_steps": 4, "ema_decay": [0.9, 0.99],
                   "nonfinite_check": "device", **train_options},
@@ -172,12 +177,13 @@ def test_skip_on_the_device_is_refused_for_a_method_that_changes_state_after_eac
 
 def test_auto_is_the_host_check_on_a_cpu_and_a_host_checkpoint_resumes_with_the_device_check(tmp_path):
     tracker = NullTracker()
-    host = train(resolved(max_steps=4, nonfinite_check="auto"), tracker, tmp_path / "host", progress=False)
+    host = train(resolved(max_steps=4, nonfinite_check="auto", device="cpu"), tracker, tmp_path / "host", progress=False)
     assert tracker.tags["distillkit.nonfinite_check"] == "host"
     payload = load_checkpoint(host.checkpoint)
     assert not payload["optimizer"]["param_groups"][0]["fused"]
     # The option may change on resume (it says how a run runs): the optimizer becomes the fused one.
-    resumed = train(resolved(max_steps=6), NullTracker(), tmp_path / "host", resume=payload, progress=False)
+    resumed = train(resolved(max_steps=6, device="cpu"), NullTracker(), tmp_path / "host", resume=payload,
+                    progress=False)
     after = load_checkpoint(resumed.checkpoint)
     assert after["step"] == 6 and after["optimizer"]["param_groups"][0]["fused"] is True
     assert after["optimizer"]["state"][0]["step"] == 6

@@ -210,7 +210,8 @@ def _device_check_refused(method: Method, configs: dict[str, OptimizerConfig], c
     if cfg.nonfinite == "skip" and changes_after_step:
         # Under stop, after_step may run before the step's flag is read: a bad step ends the run
         # before anything it changed is saved. Under skip it must not run for a skipped step.
-        return f"method {method.name} changes its own state after each step, which train.nonfinite=skip must undo"
+        return (f"method {method.name} changes its own state after each step (after_step), which a step skipped "
+                f"under train.nonfinite=skip must not do before its flag is read")
     return None
 
 

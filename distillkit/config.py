@@ -138,6 +138,11 @@ class TrainConfig:
     nonfinite: str = option("stop", one_of("stop", "skip"),
                             help="a NaN/inf loss or gradient: stop the run (keeping the last good checkpoint) or skip the "
                                  "step; non-finite weights after an update always stop it")
+    nonfinite_check: str = option(
+        "auto", one_of("auto", "device", "host"),
+        help="where train.nonfinite is decided: device (a found-inf flag that fused Adam obeys, read back one step "
+             "late: the step never waits for the device; a NaN stop comes one step later), host (read back before "
+             "the optimizer step: one wait per step) or auto (device on CUDA when the run allows it, else host)")
     precision: str = option("fp32", one_of("fp32", "tf32", "bf16", "fp16"), cli="--precision",
                             help="fp32, tf32 (CUDA matmuls), bf16 autocast or fp16 autocast with loss scaling")
     channels_last: bool = option(False, help="channels-last memory format for image models")

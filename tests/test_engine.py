@@ -253,11 +253,12 @@ def test_named_emas_and_images_seen_in_the_checkpoint(tmp_path):
     assert payload["images_seen"] == 16 * 64
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("check", ["auto", "device"])  # train.nonfinite_check: auto is the host check on a CPU
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(check, tmp_path):
     common = ["run", "--method", "fm", "--dataset", "toy2d",
               "--set", "dataset_options.train_size=448", "--batch-size", "64", "--max-steps", "10",
               "--no-track", "--quiet", "--nfe", "1", "--set", "sample.num_samples=16",
-              "--set", "sample.reference_steps=1", "--device", "cpu"]
+              "--set", "sample.reference_steps=1", "--device", "cpu", "--set", f"train.nonfinite_check={check}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run([str(BIN / "distillkit"), *common, "--set", "train.grad_accumulation=2",
                              "--runs-dir", str(tmp_path / "single")], env=env, capture_output=True, text=True, timeout=300)

@@ -27,7 +27,7 @@ from ..resolve import Resolved, resolve
 RESUMABLE = {
     "runs_dir", "tracking_uri", "device", "experiment", "data_root",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_last",
-    "train.keep_every", "train.sample_every", "train.checkpoint_format",
+    "train.keep_every", "train.sample_every", "train.checkpoint_format", "train.nonfinite_check",
 }
 
 

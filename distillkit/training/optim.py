@@ -22,12 +22,29 @@ import torch
 from ..config import OptimizerConfig
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+#: the optimizers whose fused implementation takes a found-inf flag (``optimizer.found_inf``, as
+#: ``torch.amp.GradScaler`` sets it): a flagged step changes no weight, moment or step count.
+FOUND_INF = ("adam", "adamw")
+#: what an optimizer's implementation is chosen by: not restored from a checkpoint (see ``load_optimizer``)
+_IMPLEMENTATION = ("fused", "foreach")
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], config: OptimizerConfig,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """``fused``: the fused implementation (only for ``FOUND_INF``), which obeys a found-inf flag."""
     cls = _OPTIMIZERS[config.optimizer]
+    extra = {"fused": True} if fused else {}
     return cls(list(parameters), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
-               weight_decay=config.weight_decay)
+               weight_decay=config.weight_decay, **extra)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)`` keeping this run's implementation: torch restores a
+    group's ``fused`` / ``foreach`` from the file, and places the step counters by it, so a
+    checkpoint of a host-checked run would otherwise turn a fused optimizer back into a plain one."""
+    groups = [{**old, **{key: new[key] for key in _IMPLEMENTATION if key in new}}
+              for old, new in zip(saved["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 def _warmup(warmup_steps: int) -> Callable[[int], float]:

@@ -23,7 +23,7 @@ from ..contracts import Method
 from ..errors import ConfigError
 from .distributed import Distributed
 from .ema import make_emas
-from .optim import build_optimizer, build_scheduler
+from .optim import FOUND_INF, build_optimizer, build_scheduler, load_optimizer
 
 #: the ``default_ema`` of a run whose sampling network has no EMA: its online weights.
 ONLINE = "online"
@@ -60,13 +60,14 @@ def optimizer_configs(method: Method, names: list[str], cfg: TrainConfig) -> dic
     return {name: cfg.optimizer_config(name, base=method.optimizer_config(name, default)) for name in names}
 
 
-def build_network(name: str, module: nn.Module, config: OptimizerConfig, cfg: TrainConfig, *, averaged: bool) -> Network:
+def build_network(name: str, module: nn.Module, config: OptimizerConfig, cfg: TrainConfig, *, averaged: bool,
+                  fused: bool = False) -> Network:
     """The optimizer, schedule, EMAs and wrappers of one network (in the order distillkit has always
     built them: EMAs, optimizer, schedule; DDP and compile after the loss scaler)."""
     emas = (make_emas(module, cfg.ema_decay, cfg.ema_halflife_images, cfg.ema_rampup_ratio, cfg.batch_size)
             if averaged else {})
     parameters = list(module.parameters())
-    optimizer = build_optimizer(parameters, config)
+    optimizer = build_optimizer(parameters, config, fused=fused)
     scheduler = build_scheduler(optimizer, config, cfg.max_steps)
     trainable = [p for p in parameters if p.requires_grad]
     return Network(name, module, config, parameters, trainable, optimizer, scheduler, emas, model=module)
@@ -88,8 +89,11 @@ class TrainingState:
     the loss scaler, the method's own state, the step count and the skipped updates. (The RNG
     states and data positions are per rank; the ``Checkpointer`` gathers them.)"""
 
-    def __init__(self, method: Method, networks: dict[str, Network], scaler: torch.amp.GradScaler):
+    def __init__(self, method: Method, networks: dict[str, Network], scaler: torch.amp.GradScaler,
+                 check_on_device: bool = False):
         self.method = method
+        #: ``train.nonfinite_check`` as decided for this run (``nonfinite_on_device``)
+        self.check_on_device = check_on_device
         self.networks = networks
         self.scaler = scaler
         self.sampling = method.sampling_network
@@ -99,6 +103,8 @@ class TrainingState:
         #: (step, largest |weight| after it) not yet read back from the device: the weights check
         #: of a step rides on the next step's one wait (or is read before a checkpoint).
         self.pending_weights: Optional[tuple[int, torch.Tensor]] = None
+        #: the last step's values on their way to the host, not yet checked (device-side check only)
+        self.pending_step: Any = None
         self._weights: Optional[list[torch.Tensor]] = None
 
     def weight_tensors(self) -> list[torch.Tensor]:
@@ -162,7 +168,7 @@ class TrainingState:
         optimizers = payload.get("optimizers", {self.sampling: payload["optimizer"]})
         schedulers = payload.get("schedulers", {self.sampling: payload["scheduler"]})
         for name, network in self.networks.items():
-            network.optimizer.load_state_dict(optimizers[name])
+            load_optimizer(network.optimizer, optimizers[name])
             network.scheduler.load_state_dict(schedulers[name])
         self.scaler.load_state_dict(payload["scaler"])
         self.method.load_state_dict(payload["method"])
@@ -178,9 +184,45 @@ def build_state(method: Method, modules: dict[str, nn.Module], cfg: TrainConfig,
     unknown = sorted(averaged - set(modules))
     if unknown:
         raise TypeError(f"method {method.name}: ema_networks names {unknown[0]!r}, which build_networks did not build")
-    networks = {name: build_network(name, module, configs[name], cfg, averaged=name in averaged)
+    on_device = nonfinite_on_device(method, configs, cfg, device)
+    networks = {name: build_network(name, module, configs[name], cfg, averaged=name in averaged, fused=on_device)
                 for name, module in modules.items()}
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     for network in networks.values():
         wrap(network, cfg, distributed, device)
-    return TrainingState(method, networks, scaler)
+    return TrainingState(method, networks, scaler, check_on_device=on_device)
+
+
+def _device_check_refused(method: Method, configs: dict[str, OptimizerConfig], cfg: TrainConfig,
+                          device: torch.device) -> Optional[str]:
+    """Why this run cannot decide ``train.nonfinite`` on the device (None: it can)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if cfg.precision == "fp16":
+        return "under fp16 the loss scaler decides about overflowing steps itself"
+    if device.type not in _get_fused_kernels_supported_devices():
+        return f"torch has no fused optimizer on {device.type}"
+    for name, config in configs.items():
+        if config.optimizer not in FOUND_INF:
+            return (f"{config.optimizer} (network {name}) has no fused implementation that takes a found-inf flag; "
+                    + " and ".join(FOUND_INF) + " have")
+    changes_after_step = type(method).after_step is not Method.after_step or method.data_changes_after_step
+    if cfg.nonfinite == "skip" and changes_after_step:
+        # Under stop, after_step may run before the step's flag is read: a bad step ends the run
+        # before anything it changed is saved. Under skip it must not run for a skipped step.
+        return (f"method {method.name} changes its own state after each step (after_step), which a step skipped "
+                f"under train.nonfinite=skip must not do before its flag is read")
+    return None
+
+
+def nonfinite_on_device(method: Method, configs: dict[str, OptimizerConfig], cfg: TrainConfig,
+                        device: torch.device) -> bool:
+    """``train.nonfinite_check`` decided: auto is the device check on CUDA when the run allows it
+    (on a CPU nothing runs ahead of the host, so there is no wait to save); an explicit ``device``
+    that the run does not allow is a one-line error."""
+    if cfg.nonfinite_check == "host":
+        return False
+    refused = _device_check_refused(method, configs, cfg, device)
+    if cfg.nonfinite_check == "device" and refused:
+        raise ConfigError("train.nonfinite_check", "device", f"host or auto for this run: {refused}")
+    return refused is None and (cfg.nonfinite_check == "device" or device.type == "cuda")

@@ -14,6 +14,17 @@ The weights themselves are checked too: after a step's updates the largest |weig
 network and EMA is computed on the device (``weights_magnitude``) and read back in the next
 step's wait (the trainer reads it at once before a checkpoint and at the end: ``check_weights``).
 Non-finite weights stop the run under either setting: nothing can skip an update already applied.
+
+With the check on the device (``train.nonfinite_check``: ``state.check_on_device``) the step does
+not wait at all. Each update computes a found-inf flag on the device (loss or gradient norm not
+finite) and hands it to its fused Adam, which then changes no weight, moment or step count; the
+step's values and flags are copied to the host without blocking and read during the next step,
+after that step's first backward pass (``_settle``), or at once where the trainer needs them
+(logging, sample grids, checkpoints, the end). What a skipped step must not do on the host (the
+schedules, the EMAs: ``_finish``) waits for that read under ``nonfinite=skip``: the weights do not
+change in between, so the results are those of the host check; under ``nonfinite=stop`` it runs at
+once, since a bad step ends the run before anything is saved. The weights check then rides on the
+read one step later still.
 """
 
 from __future__ import annotations
@@ -84,6 +95,12 @@ class UpdateOutcome:
     host_metrics: dict
     values: Optional[list] = None  # [loss, grad_norm, *device metrics] as Python floats
     applied: bool = False
+    found_inf: Optional[torch.Tensor] = None  # device-side check: 1.0 when the loss or gradient is not finite
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What ``values`` is read from, as 0-dim float32 tensors on the loss's device."""
+        here = self.loss.device
+        return [self.loss, self.grad_norm.detach().float().to(here), *(v.to(here) for v in self.device_metrics.values())]
 
     @property
     def loss_value(self) -> float:
@@ -99,6 +116,23 @@ class UpdateOutcome:
         metrics["loss"] = self.loss_value
         metrics["grad_norm"] = self.grad_norm_value
         return metrics
+
+
+@attrs.define
+class PendingStep:
+    """A step whose values and flags are on their way to the host (device-side check)."""
+
+    done: int
+    outcomes: list
+    #: (step, largest |weight|) of an earlier step, read with these values
+    weights: Optional[tuple[int, torch.Tensor]]
+    host: torch.Tensor
+    copied: Optional[torch.cuda.Event]
+
+    def read(self) -> list[float]:
+        if self.copied is not None:
+            self.copied.synchronize()  # the copy only: the device goes on with the work queued since
+        return self.host.tolist()
 
 
 @attrs.frozen
@@ -169,6 +203,8 @@ def weights_failure(step: int, magnitude: float, checkpoint: str) -> TrainingFai
 
 def check_weights(state: TrainingState, checkpoint: Callable[[], str]) -> None:
     """Read the pending weights check now (before a checkpoint, at the end of training)."""
+    if state.pending_step is not None:  # the trainer settles such a step first (run_step's settle)
+        raise RuntimeError(f"step {state.pending_step.done} would be saved before its non-finite check was read")
     if state.pending_weights is not None:
         step, magnitude = state.pending_weights
         state.pending_weights = None
@@ -186,8 +222,7 @@ def _read_back(outcomes: list[UpdateOutcome], state: Optional[TrainingState] = N
     if not pending:
         return
     here = pending[0].loss.device
-    rows = [[o.loss, o.grad_norm.detach().float().to(here), *(v.to(here) for v in o.device_metrics.values())]
-            for o in pending]
+    rows = [o.tensors() for o in pending]
     weights = state.pending_weights if state is not None else None
     extra = [weights[1].detach().float().to(here)] if weights is not None else []
     flat = torch.stack([value for row in rows for value in row] + extra).tolist()
@@ -221,20 +256,35 @@ def _apply(state: TrainingState, outcome: UpdateOutcome) -> None:
     outcome.applied = True
 
 
-def _skip(state: TrainingState, outcome: UpdateOutcome, done: int) -> None:
+def _count_skip(state: TrainingState, done: int) -> None:
     state.skipped += 1
     if not state.skipped_at or state.skipped_at[-1] != done:
         state.skipped_at.append(done)
+
+
+def _skip(state: TrainingState, outcome: UpdateOutcome, done: int) -> None:
+    _count_skip(state, done)
     for name in outcome.update.networks:
         state.networks[name].optimizer.zero_grad(set_to_none=True)
 
 
 def run_step(setup: StepSetup, state: TrainingState, batch: Batch, step: int, *,
-             before_wait: Callable[[], None], checkpoint: Callable[[], str]) -> StepResult:
+             before_wait: Callable[[], None], checkpoint: Callable[[], str], settle: bool = True) -> list[StepResult]:
     """Optimizer step ``step`` (0-based): the method's updates, then, if any was applied, the
     schedules, the EMAs and ``after_step``. ``before_wait`` runs just before the step's wait for
     the device (the trainer collates the next batch there); ``checkpoint()`` names the last good
-    checkpoint for the error a non-finite update raises under ``nonfinite=stop``."""
+    checkpoint for the error a non-finite update raises under ``nonfinite=stop``.
+
+    Returns the results of the steps checked now: this one with the host check; with the device
+    check the previous step's (if any), and this one's too when ``settle`` (read it at once)."""
+    if state.check_on_device:
+        return _run_flagged(setup, state, batch, step, before_wait, checkpoint, settle)
+    return [_run_checked(setup, state, batch, step, before_wait, checkpoint)]
+
+
+def _run_checked(setup: StepSetup, state: TrainingState, batch: Batch, step: int,
+                 before_wait: Callable[[], None], checkpoint: Callable[[], str]) -> StepResult:
+    """``run_step`` with the host check: the values are read before the last update steps."""
     cfg, done = setup.cfg, step + 1
     plan = state.method.update_plan(step)
     outcomes: list[UpdateOutcome] = []
@@ -258,22 +308,108 @@ def run_step(setup: StepSetup, state: TrainingState, batch: Batch, step: int, *,
             _apply(state, outcome)
         else:
             _skip(state, outcome, done)
+    _all_trainable(state)
+    applied = any(o.applied for o in outcomes)
+    if applied:
+        _finish(state, step)
+    state.step = done
+    return StepResult(_metrics(setup, outcomes), _sampling_loss(state, outcomes), applied)
+
+
+def _all_trainable(state: TrainingState) -> None:
     if len(state.networks) > 1:
         for network in state.networks.values():
             network.set_trainable(True)
-    applied = any(o.applied for o in outcomes)
-    if applied:
-        for network in state.networks.values():
-            _schedule_step(network, several=len(state.networks) > 1)
-        for network in state.networks.values():
-            for ema in network.emas.values():
-                ema.update_parameters(network.module)
-        state.method.after_step(state.student.module, step)
-        # Checked in the next step's wait (or before the next checkpoint): the updates of this
-        # step may have made a weight non-finite even with a finite loss and gradient.
-        state.pending_weights = (done, weights_magnitude(state))
-    state.step = done
-    return StepResult(_metrics(setup, outcomes), _sampling_loss(state, outcomes), applied)
+
+
+def _finish(state: TrainingState, step: int) -> None:
+    """What follows a step with an applied update: the schedules, the EMAs, ``after_step``."""
+    for network in state.networks.values():
+        _schedule_step(network, several=len(state.networks) > 1)
+    for network in state.networks.values():
+        for ema in network.emas.values():
+            ema.update_parameters(network.module)
+    state.method.after_step(state.student.module, step)
+    # Checked in a later read (or before the next checkpoint): the updates of this step may have
+    # made a weight non-finite even with a finite loss and gradient.
+    state.pending_weights = (step + 1, weights_magnitude(state))
+
+
+# the device-side check ----------------------------------------------------------------------------
+
+def _run_flagged(setup: StepSetup, state: TrainingState, batch: Batch, step: int, before_wait: Callable[[], None],
+                 checkpoint: Callable[[], str], settle: bool) -> list[StepResult]:
+    """``run_step`` with the device check: every update steps under its found-inf flag; the
+    previous step is checked after this one's first backward pass is queued."""
+    results: list[StepResult] = []
+    outcomes: list[UpdateOutcome] = []
+    for index, update in enumerate(state.method.update_plan(step)):
+        outcome = _backward(setup, state, update, index, batch, step)
+        outcome.found_inf = (~(torch.isfinite(outcome.loss) & torch.isfinite(outcome.grad_norm))).float()
+        outcomes.append(outcome)
+        if index == 0:
+            before_wait()
+            results += _settle(setup, state, checkpoint)
+        _apply_flagged(state, outcome)
+    _all_trainable(state)
+    state.pending_step = _send_to_host(state, step + 1, outcomes)
+    if setup.cfg.nonfinite == "stop":
+        _finish(state, step)
+    state.step = step + 1
+    return results + (_settle(setup, state, checkpoint) if settle else [])
+
+
+def _apply_flagged(state: TrainingState, outcome: UpdateOutcome) -> None:
+    """The update's optimizer steps, which the fused kernels skip on the device when flagged
+    (what ``GradScaler.step`` does for them)."""
+    for name in outcome.update.networks:
+        optimizer = state.networks[name].optimizer
+        optimizer.found_inf, optimizer.grad_scale = outcome.found_inf, None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+
+
+def _send_to_host(state: TrainingState, done: int, outcomes: list[UpdateOutcome]) -> PendingStep:
+    """Every update's values and flag, and the pending weights check, stacked and copied to the
+    host without waiting (into pinned memory on CUDA, with an event that says when it is there)."""
+    weights, state.pending_weights = state.pending_weights, None
+    values = [v for o in outcomes for v in (*o.tensors(), o.found_inf)]
+    if weights is not None:
+        values.append(weights[1].detach().float().to(values[0].device))
+    flat = torch.stack(values)
+    if flat.device.type != "cuda":
+        return PendingStep(done, outcomes, weights, flat, None)
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return PendingStep(done, outcomes, weights, host, copied)
+
+
+def _settle(setup: StepSetup, state: TrainingState, checkpoint: Callable[[], str]) -> list[StepResult]:
+    """Read and check the pending step (if any): the weights check it carries fails first, then a
+    non-finite update stops the run (``stop``) or is counted as skipped (``skip``), whose
+    ``_finish`` runs now if any update was applied."""
+    pending, state.pending_step = state.pending_step, None
+    if pending is None:
+        return []
+    flat = pending.read()
+    if pending.weights is not None and not math.isfinite(flat[-1]):
+        raise weights_failure(pending.weights[0], flat[-1], checkpoint())
+    for outcome in pending.outcomes:  # the flag, not the values, says what the device did
+        width = len(outcome.device_metrics) + 2
+        outcome.values, outcome.applied, flat = flat[:width], flat[width] == 0.0, flat[width + 1:]
+    bad = [o for o in pending.outcomes if not o.applied]
+    if bad and setup.cfg.nonfinite == "stop":
+        raise _stop(bad[0], pending.done, checkpoint(), setup.per_update_keys)
+    for _ in bad:
+        _count_skip(state, pending.done)
+    applied = len(bad) < len(pending.outcomes)
+    if applied and setup.cfg.nonfinite == "skip":
+        _finish(state, pending.done - 1)
+    return [StepResult(_metrics(setup, pending.outcomes), _sampling_loss(state, pending.outcomes), applied)]
 
 
 def _schedule_step(network, several: bool) -> None:

@@ -99,6 +99,7 @@ def _log_start(resolved: Resolved, tracker: Tracker, parts: Components, state: T
     tracker.log_params(flatten(resolved.to_dict()))
     tags = describe(resolved, parts)
     tags["distillkit.ema"] = ",".join(state.student.emas)
+    tags["distillkit.nonfinite_check"] = "device" if state.check_on_device else "host"
     if len(state.networks) > 1:
         tags["distillkit.networks"] = ",".join(state.networks)
     if teacher is not None:
@@ -260,8 +261,7 @@ def train(
             done = step + 1
             # Every rank must checkpoint (and stop) at the same step: the decisions are agreed on.
             by_time, stop = distributed.any([clock.due(), stops.requested], device)
-            checkpoint_due = (bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or by_time or stop
-                              or done == cfg.max_steps)
+            checkpoint_due = _checkpoint_due(cfg, done, by_time or stop)
 
             def prefetch() -> None:
                 nonlocal prefetched
@@ -270,9 +270,10 @@ def train(
                 if not checkpoint_due and not method.data_changes_after_step:
                     prefetched = next(batches)
 
-            result = run_step(setup, state, batch, step, before_wait=prefetch, checkpoint=checkpointer.last_good)
-            final_loss = result.sampling_loss if result.sampling_loss is not None else final_loss
-            window.add(result.metrics)
+            for result in run_step(setup, state, batch, step, before_wait=prefetch, checkpoint=checkpointer.last_good,
+                                   settle=checkpoint_due or _reads_now(cfg, done)):  # the device check: see step.py
+                final_loss = result.sampling_loss if result.sampling_loss is not None else final_loss
+                window.add(result.metrics)
             if done % cfg.log_every == 0 or done == cfg.max_steps:
                 tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
             bar.update(done, final_loss, window.images_per_second)
@@ -302,6 +303,16 @@ def train(
     (output_dir / FINISHED_MARKER).write_text(json.dumps(evaluation.metrics(), indent=2))
     return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step,
                      skipped_steps=tuple(state.skipped_at))
+
+
+def _checkpoint_due(cfg, done: int, requested: bool) -> bool:
+    return bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or requested or done == cfg.max_steps
+
+
+def _reads_now(cfg, done: int) -> bool:
+    """A step whose values are needed at once: logged, or followed by a sample grid of its weights
+    (with the device-side check they are otherwise read during the next step)."""
+    return done % cfg.log_every == 0 or bool(cfg.sample_every and done % cfg.sample_every == 0)
 
 
 def _on_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:

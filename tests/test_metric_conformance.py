@@ -95,11 +95,11 @@ def test_ode_error_measures_against_the_teacher_when_given_one():
     metric = distillkit.get_registries().metrics.get("ode_error")()
     metric.prepare(context)
     assert metric.result_name == "ode_error_teacher"
-    assert metric.signature() == "ref=analytic:test:heunx5"
+    assert metric.signature() == "ref=analytic:test:heunx5rho2"
     assert metric.measure(torch.zeros(6, 2), context) == pytest.approx(0.5)
     # The teacher's velocity was integrated (not the model's zero field), once for two measures.
     metric.measure(torch.zeros(6, 2), context)
     assert len(calls) == 1 and torch.equal(calls[0][0], -torch.ones(1, 2)) and calls[0][1:] == (5, "heun")
     own = distillkit.get_registries().metrics.get("ode_error")()
     own.prepare(metric_context(ConformanceData(distillkit.DataSpec((2,))), 6))
-    assert own.result_name == "ode_error" and own.signature() == "ref=own:rk4x32"
+    assert own.result_name == "ode_error" and own.signature() == "ref=own:rk4x16rho2"

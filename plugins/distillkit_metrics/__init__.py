@@ -160,6 +160,9 @@ class OdeErrorOptions:
     #: field bends most near the data (t = 0): there rho = 2 takes steps of ~1/steps^2, and 16 steps
     #: solve more accurately than 32 uniform ones (docs/results/eval-cost-cpu.md)
     rho: float = attrs.field(default=2.0, validator=validators.positive_number)
+    #: keep the reference solve in $DISTILLKIT_CACHE/ode_error (reference_cache.py): a later
+    #: evaluation of the same field from the same noise reads it instead of solving again
+    cache: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 class OdeError(Metric):
@@ -185,6 +188,7 @@ class OdeError(Metric):
         self.teacher = context.teacher
         self._reference: Optional[tuple[MetricContext, torch.Tensor]] = None
         self._seconds = 0.0
+        self._cache = ""
         self._labels = context.labels is not None
 
     def _reference_velocity(self, context):
@@ -198,13 +202,31 @@ class OdeError(Metric):
         return velocity_for
 
     def reference(self, context: MetricContext) -> torch.Tensor:
-        """The accurate solve from the evaluated samples' noise, made once per evaluation."""
+        """The accurate solve from the evaluated samples' noise, made once per evaluation (and
+        read from the cache when this field was solved from this noise before)."""
         if self._reference is None or self._reference[0] is not context:
             started = time.perf_counter()
-            solved = context.solve(self._reference_velocity(context), self.grid(), self.integrator)
+            self._reference = (context, self._cached_solve(context))
             self._seconds = time.perf_counter() - started
-            self._reference = (context, solved)
         return self._reference[1]
+
+    def _cached_solve(self, context: MetricContext) -> torch.Tensor:
+        from . import reference_cache
+
+        velocity_for = self._reference_velocity(context)
+        if not self.config.cache:
+            self._cache = "off"
+            return context.solve(velocity_for, self.grid(), self.integrator)
+        who = self.teacher.identity if self.teacher is not None else "own"
+        digest = reference_cache.key(velocity_for, context, who=who, integrator=self.integrator.name, grid=self.grid())
+        path = reference_cache.path_for(context, digest)
+        cached = reference_cache.load(path, digest, context)
+        if cached is not None:
+            self._cache = f"read from {path}"
+            return cached
+        solved = context.solve(velocity_for, self.grid(), self.integrator)
+        self._cache = f"saved as {path}" if reference_cache.save(path, digest, solved, context) else "not cached"
+        return solved
 
     def grid(self) -> torch.Tensor:
         """The reference solve's time grid (rho = 1: exactly the uniform grid)."""
@@ -229,6 +251,7 @@ class OdeError(Metric):
                          f"from the same noise" + (" and labels" if self._labels else ""),
             "distance": "RMS over samples of the per-sample Euclidean distance / sqrt(dimension)",
             "seconds": round(self._seconds, 3),
+            "cache": self._cache,
         }
 
 

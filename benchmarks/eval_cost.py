@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -262,6 +263,46 @@ def _main_job_table(main: dict, digits: Optional[dict]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def _summary(sources: list[tuple[str, dict]]) -> str:
+    """One row per dataset, run kind and source: the whole and the two big parts as fractions."""
+    lines = ["| source | dataset | n | evaluation | wall s | CPU s | reference solve (CPU) | sampling (CPU) | "
+             "classifier (CPU) | rest (CPU) |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for label, data in sources:
+        for result in data.get("results", []):
+            for kind, run in result["runs"].items():
+                parts = run["parts"]
+
+                def share(match: Callable[[str], bool], parts=parts, run=run) -> float:
+                    return sum(p["cpu_s"] for name, p in parts.items() if match(name)) / max(run["cpu_s"], 1e-12)
+
+                reference = share(lambda name: name == "ode_error reference solve")
+                sampling = share(lambda name: name.startswith("sampling"))
+                classifier = share(lambda name: name == "classifier (train or load)")
+                lines.append(f"| {label} | {result['dataset']} | {result['n']} | {kind} | {run['wall_s']:.1f} | "
+                             f"{run['cpu_s']:.1f} | {reference:.0%} | {sampling:.0%} | {classifier:.0%} | "
+                             f"{1 - reference - sampling - classifier:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def combine(files: list[str], out: str, notes: str) -> None:
+    """One results file from several runs of this script (each keeps its own command, date, commit
+    and load): a summary table, then each run's tables."""
+    sources = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file() or not path.with_suffix(".md").is_file():
+            fail(f"--combine: {name} is not a JSON file written by this script (with its .md beside it)")
+        sources.append((path.stem, json.loads(path.read_text())))
+    info = machine(torch.device("cpu"))
+    body = [header("Cost of the end-of-run evaluation on the CPU", info, command_line(), notes), "## Summary", "",
+            "Fractions are of the evaluation's CPU time (one thread).", "", _summary(sources)]
+    for (label, data), name in zip(sources, files):
+        text = Path(name).with_suffix(".md").read_text().split("\n", 1)[1]  # without its title
+        body += [f"## {label}", "", text.strip(), ""]
+    write_result(out, "\n".join(body), {"machine": info, "command": command_line(),
+                                        "sources": {label: data for label, data in sources}})
+
+
 def _load() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -331,9 +372,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--accuracy", default="", help="comma-separated trained checkpoints: measure the "
                         "reference solve's error on each (and skip the timing unless --datasets is given too)")
     parser.add_argument("--accuracy-n", type=int, default=1000, help="samples for --accuracy")
+    parser.add_argument("--combine", default="", help="comma-separated JSON files of earlier runs of this script: "
+                        "write one results file of them (nothing is measured)")
     parser.add_argument("--notes", default="", help="a line for the results file (e.g. before/after which change)")
     add_run_options(parser)
     args = parser.parse_args(argv)
+    if args.combine:
+        combine([f for f in args.combine.split(",") if f], args.out, args.notes)
+        return
     checkpoints = [c for c in args.accuracy.split(",") if c]
     missing = [c for c in checkpoints if not Path(c).is_file()]
     if missing:

@@ -33,6 +33,11 @@ def test_the_parts_of_a_toy2d_evaluation_add_up_to_the_whole(tmp_path):
     assert all(p["wall_s"] >= 0 for p in parts.values()) and parts["ode_error reference solve"]["wall_s"] > 0
     assert set(run["values"]) == {f"eval/{m}/nfe{k}" for m in ("energy", "ode_error") for k in (1, 2, 4, 8)}
     assert "| ode_error reference solve |" in out.read_text()
+    combined = tmp_path / "combined.md"
+    done = run_script("--combine", str(out.with_suffix(".json")), "--out", str(combined), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "| cost | toy2d | 1000 | end-of-run cold |" in combined.read_text()
+    assert json.loads(combined.with_suffix(".json").read_text())["sources"]["cost"]["results"][0]["dataset"] == "toy2d"
 
 
 def test_an_unknown_dataset_is_one_line_and_exit_2(tmp_path):

@@ -91,3 +91,22 @@ def test_cache_false_writes_nothing(solves, private_cache):
     evaluate(toy(), cache=False)
     _, how = evaluate(toy(), cache=False)
     assert solves[0] == 2 and how == "off" and not private_cache.exists()
+
+
+def test_eval_after_run_reads_the_reference_the_run_solved(tmp_path, capsys, private_cache):
+    """The case the cache is for: ``distillkit eval`` of a finished run with its own settings."""
+    import json
+
+    from distillkit.cli.main import main
+
+    runs = tmp_path / "runs"
+    small = ["--set", "sample.num_samples=64", "--set", "sample.reference_steps=4", "--nfe", "1,2"]
+    assert main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "5", "--no-track", "--quiet",
+                 "--runs-dir", str(runs), *small]) == 0
+    assert len(list(private_cache.glob("toy2d-*.pt"))) == 1
+    (run,) = [p.name for p in (runs / "runs").iterdir()]
+    capsys.readouterr()
+    assert main(["eval", "--run", run, "--runs-dir", str(runs), "--no-log", "--json", "--metric", "ode_error",
+                 "--nfe", "1,2"]) == 0
+    protocol = json.loads(capsys.readouterr().out)
+    assert "read from" in json.dumps(protocol)

@@ -203,7 +203,9 @@ class SampleConfig:
         "rk4", _non_empty_str, help="integrator of the model's own high-accuracy solve (for ode_error)"
     )
     reference_steps: int = option(
-        32, positive_int, help="steps of the high-accuracy solve that few-step samples are compared with"
+        16, positive_int,
+        help="steps of the high-accuracy solve that few-step samples are compared with (on ode_error's grid, "
+             "uniform in t^(1/2) unless metric_options.ode_error.rho says otherwise)"
     )
     seed: int = option(1234, seed_int, help="first per-sample noise seed (sample i uses seed + i)")
 

@@ -13,7 +13,8 @@ it prepares, and how it names that reference (its signature).
   velocity from exactly the same noise (and labels). The reference is the teacher the evaluation
   was given (``--teacher``; logged as ``ode_error_teacher``) or, by default, the model's own
   *instantaneous* velocity (``Method.velocity_fn``), integrated with ``sample.reference_integrator``
-  over ``sample.reference_steps`` uniform steps (options ``integrator`` / ``steps`` override them).
+  over ``sample.reference_steps`` steps uniform in t^(1/rho) (options ``integrator`` / ``steps`` /
+  ``rho`` override them; rho = 2 by default, rho = 1 is the uniform grid).
   The instantaneous velocity is defined for step-size aware models too (their velocity at d = 0),
   so "the model's own accurate solve" means the same thing for every method.
 """
@@ -26,7 +27,8 @@ from typing import Any, Optional
 import attrs
 import torch
 
-from distillkit import Metric, MetricContext, get_registries, hookimpl, uniform_grid, validators
+from distillkit import Metric, MetricContext, edm_grid, get_registries, hookimpl, uniform_grid, validators
+from distillkit.config import SampleConfig
 from distillkit.errors import ConfigError, UnknownNameError
 
 
@@ -152,8 +154,15 @@ class Fid(Metric):
 class OdeErrorOptions:
     #: the reference solve's integrator (empty: the run's sample.reference_integrator)
     integrator: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
-    #: its uniform steps (0: the run's sample.reference_steps)
+    #: its steps (0: the run's sample.reference_steps)
     steps: int = attrs.field(default=0, validator=validators.non_negative_int)
+    #: its grid: steps uniform in t^(1/rho), t_i = (1 - i/steps)^rho (1: uniform steps). A trained
+    #: field bends most near the data (t = 0): there rho = 2 takes steps of ~1/steps^2, and 16 steps
+    #: solve more accurately than 32 uniform ones (docs/results/eval-cost-cpu.md)
+    rho: float = attrs.field(default=2.0, validator=validators.positive_number)
+    #: keep the reference solve in $DISTILLKIT_CACHE/ode_error (reference_cache.py): a later
+    #: evaluation of the same field from the same noise reads it instead of solving again
+    cache: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 class OdeError(Metric):
@@ -174,10 +183,12 @@ class OdeError(Metric):
         except UnknownNameError:
             allowed = ", ".join(get_registries().integrators.names())
             raise ConfigError("metric_options.ode_error.integrator", name, f"a registered integrator: {allowed}") from None
-        self.steps = self.config.steps or (sample.reference_steps if sample is not None else 32)
+        self.steps = self.config.steps or (sample if sample is not None else SampleConfig()).reference_steps
+        self.rho = float(self.config.rho)
         self.teacher = context.teacher
         self._reference: Optional[tuple[MetricContext, torch.Tensor]] = None
         self._seconds = 0.0
+        self._cache = ""
         self._labels = context.labels is not None
 
     def _reference_velocity(self, context):
@@ -191,13 +202,35 @@ class OdeError(Metric):
         return velocity_for
 
     def reference(self, context: MetricContext) -> torch.Tensor:
-        """The accurate solve from the evaluated samples' noise, made once per evaluation."""
+        """The accurate solve from the evaluated samples' noise, made once per evaluation (and
+        read from the cache when this field was solved from this noise before)."""
         if self._reference is None or self._reference[0] is not context:
             started = time.perf_counter()
-            solved = context.solve(self._reference_velocity(context), uniform_grid(self.steps), self.integrator)
+            self._reference = (context, self._cached_solve(context))
             self._seconds = time.perf_counter() - started
-            self._reference = (context, solved)
         return self._reference[1]
+
+    def _cached_solve(self, context: MetricContext) -> torch.Tensor:
+        from . import reference_cache
+
+        velocity_for = self._reference_velocity(context)
+        if not self.config.cache:
+            self._cache = "off"
+            return context.solve(velocity_for, self.grid(), self.integrator)
+        who = self.teacher.identity if self.teacher is not None else "own"
+        digest = reference_cache.key(velocity_for, context, who=who, integrator=self.integrator.name, grid=self.grid())
+        path = reference_cache.path_for(context, digest)
+        cached = reference_cache.load(path, digest, context)
+        if cached is not None:
+            self._cache = f"read from {path}"
+            return cached
+        solved = context.solve(velocity_for, self.grid(), self.integrator)
+        self._cache = f"saved as {path}" if reference_cache.save(path, digest, solved, context) else "not cached"
+        return solved
+
+    def grid(self) -> torch.Tensor:
+        """The reference solve's time grid (rho = 1: exactly the uniform grid)."""
+        return uniform_grid(self.steps) if self.rho == 1 else edm_grid(self.steps, rho=self.rho)
 
     def measure(self, generated, context):
         from distillkit.metrics import ode_error
@@ -206,15 +239,19 @@ class OdeError(Metric):
 
     def signature(self):
         who = self.teacher.identity if self.teacher is not None else "own"
-        return f"ref={who}:{self.integrator.name}x{self.steps}"
+        return f"ref={who}:{self.integrator.name}x{self.steps}" + (f"rho{self.rho:g}" if self.rho != 1 else "")
+
+    def _grid_rule(self) -> str:
+        return "uniform in t" if self.rho == 1 else f"uniform in t^(1/{self.rho:g}): t_i = (1 - i/{self.steps})^{self.rho:g}"
 
     def details(self):
         what = f"teacher {self.teacher.identity}" if self.teacher is not None else "the model's own velocity"
         return {
-            "reference": f"{what} integrated with {self.integrator.name}, {self.steps} uniform steps, from the same "
-                         f"noise" + (" and labels" if self._labels else ""),
+            "reference": f"{what} integrated with {self.integrator.name}, {self.steps} steps {self._grid_rule()}, "
+                         f"from the same noise" + (" and labels" if self._labels else ""),
             "distance": "RMS over samples of the per-sample Euclidean distance / sqrt(dimension)",
             "seconds": round(self._seconds, 3),
+            "cache": self._cache,
         }
 
 

@@ -26,8 +26,10 @@ from distillkit import Batch, DataSpec, MethodContext
 from distillkit.cli.main import main
 from distillkit.config import build_attrs
 from distillkit.resolve import build_sampler
+from distillkit.testing.methods import MethodConformance
 from distillkit.testing.samplers import seeded_fresh_noise
 from distillkit_meanflow import MeanFlow, MeanFlowConfig, average_velocity_and_derivative, sample_times
+from distillkit_meanflow.method import finite_difference_derivative
 
 S = 0.5  # data standard deviation
 
@@ -210,6 +212,147 @@ def test_backbones_give_the_finite_difference_derivative_and_share_dropout(name)
     out, _ = average_velocity_and_derivative(network, x, r, t, v, cond)
     torch.manual_seed(5)
     torch.testing.assert_close(out, u(x, r, t), rtol=0, atol=0)
+
+
+# -- the finite-difference fallback (jvp = "finite-difference") ------------------------------------
+
+
+def _backbone(name, dtype):
+    spec, options = BACKBONES[name]
+    cls = distillkit.get_registries().backbones.get(name)
+    torch.manual_seed(0)
+    network = cls.build(build_attrs(cls.config_class, options, "backbone_options."), spec, ("h",)).to(dtype)
+    with torch.no_grad():  # the near-zero output layers would make every check trivially small
+        for p in network.parameters():
+            if p.abs().max() < 1e-3:
+                p.normal_(0, 0.1)
+    return network, spec
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_the_finite_difference_agrees_with_the_jvp_in_float64(name):
+    """Dropout on: each difference pass draws the masks the JVP draws, so both differentiate the
+    same function; r = t, r = t / 2 and r = 0 rows (the r = t row's minus pass sees h < 0)."""
+    network, spec = _backbone(name, torch.float64)
+    network.train()
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4, *spec.shape, generator=g, dtype=torch.float64)
+    v = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.2, 0.03], dtype=torch.float64)
+    r = t * torch.tensor([0.0, 0.5, 1.0, 0.5], dtype=torch.float64)
+    cond = torch.tensor([1, 4, 9, 2]) if spec.num_classes else None
+    torch.manual_seed(5)
+    u, dudt = average_velocity_and_derivative(network, z, r, t, v, cond)
+    torch.manual_seed(5)
+    u_fd, dudt_fd = average_velocity_and_derivative(network, z, r, t, v, cond, jvp="finite-difference", fd_step=1e-5)
+    assert float(dudt.abs().max()) > 1e-2
+    torch.testing.assert_close(dudt_fd, dudt, rtol=1e-6, atol=1e-6 * float(dudt.abs().max()))
+    torch.testing.assert_close(u_fd, u, rtol=1e-12, atol=1e-12)  # the third, plain pass: the JVP's primal
+    # and it is not the derivative of another function: without the shared masks it would differ
+    torch.manual_seed(6)
+    other = finite_difference_derivative(network, z, r, t, v, cond, 1e-5)
+    assert float((other - dudt).abs().max()) > 1e-3 * float(dudt.abs().max())
+
+
+def _same_loss_both_ways(network, x, cond=None, **options):
+    outputs = {}
+    for jvp in ("autograd", "finite-difference"):
+        method = _method(jvp=jvp, **options)
+        network.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same dropout masks both times
+        loss = method.loss(network, Batch(x, cond), torch.Generator().manual_seed(7), 0).loss
+        loss.backward()
+        outputs[jvp] = (loss.detach(), [p.grad.clone() for p in network.parameters()])
+    return outputs
+
+
+def test_the_finite_difference_loss_is_close_to_the_autograd_loss_in_float32():
+    """float32, the default step 1e-3, dropout on, the plain L2 loss (norm_p = 0, so that the
+    adaptive weight cannot hide a difference). The finite-difference target differs from the
+    JVP's by at most 4e-5 of its size on this U-Net (measured per sample; 2.6e-4 on a SongUNet
+    with attention, docs/baselines.md). Measured here: the loss moves by 1.5e-6 relative, the
+    gradients by 2e-5 of each tensor's largest entry. The tolerances, 1e-4 and 2e-4, leave a
+    margin of 10 or more and still catch a step of 0.1 (gradients off by 3.4e-3)."""
+    network, spec = _backbone("unet", torch.float32)
+    network.train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, *spec.shape, generator=g)
+    cond = torch.randint(0, 10, (16,), generator=g)
+    outputs = _same_loss_both_ways(network, x, cond, norm_p=0.0, interval_fraction=0.75)
+    (loss, grads), (loss_fd, grads_fd) = outputs["autograd"], outputs["finite-difference"]
+    assert float(loss) > 0
+    torch.testing.assert_close(loss_fd, loss, rtol=1e-4, atol=0)
+    for got, want in zip(grads_fd, grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-4 * float(want.abs().max()))
+
+
+def test_the_finite_difference_works_where_forward_mode_ad_does_not(monkeypatch):
+    """A device path without forward-mode AD through the network (here every torch.func.jvp
+    refuses, as the fused attention kernels do): ``finite-difference`` never calls it."""
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with _scaled_dot_product_flash_attention")
+
+    monkeypatch.setattr(torch.func, "jvp", refuse)
+    network = LinearAverageVelocity()
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(NotImplementedError):
+        _method().loss(network, Batch(x), torch.Generator().manual_seed(7), 0)
+    output = _method(jvp="finite-difference").loss(network, Batch(x), torch.Generator().manual_seed(7), 0)
+    assert torch.isfinite(output.loss)
+
+
+class CountingNetwork(nn.Module):
+    """Records, for each forward call, whether gradients were on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append(torch.is_grad_enabled())
+        return self.inner(*args, **kwargs)
+
+
+def test_evaluations_are_counted_honestly():
+    """``network_evals_per_step`` says what the loss does: the finite difference's two passes
+    without gradient and the one with, no JVP; the JVP's own pass is not a plain call."""
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for jvp, calls in (("finite-difference", [False, False, True]), ("autograd", [False, True])):
+        method, network = _method(jvp=jvp), CountingNetwork(LinearAverageVelocity())
+        method.loss(network, Batch(x), torch.Generator().manual_seed(7), 0)
+        assert network.calls == calls, jvp
+    assert _method(jvp="finite-difference").network_evals_per_step() == {"with_grad": 1, "no_grad": 2}
+    assert _method().network_evals_per_step() == {"with_grad": 1, "no_grad": 0, "jvp": 1}
+    assert _method(jvp="finite-difference").tags()["distillkit.meanflow.jvp"] == "finite-difference"
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("jvp", "fd", "one of autograd, finite-difference"),
+    ("jvp", "forward", "one of autograd, finite-difference"),
+    ("fd_step", 0, "a number in (0, 0.1]"),
+    ("fd_step", 0.5, "a number in (0, 0.1]"),
+    ("fd_step", -1e-3, "a number in (0, 0.1]"),
+])
+def test_bad_derivative_options_are_one_line_config_errors(key, value, allowed):
+    with pytest.raises(distillkit.ConfigError) as info:
+        build_attrs(MeanFlowConfig, {key: value}, "method_options.")
+    message = str(info.value)
+    assert message.startswith(f"method_options.{key}=") and message.endswith(allowed) and "\n" not in message
+
+
+def test_a_bad_jvp_option_exits_2_with_one_line(capsys):
+    assert main(["run", "--method", "meanflow", "--dataset", "toy2d", "--dry-run",
+                 "--set", "method_options.jvp=fd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "method_options.jvp='fd'" in err and "autograd, finite-difference" in err
+
+
+class TestMeanFlowWithFiniteDifferences(MethodConformance):
+    method_name = "meanflow"
+
+    def options(self, name):
+        return {"jvp": "finite-difference"}
 
 
 # -- a short toy2d demonstration -------------------------------------------------------------------

@@ -364,6 +364,161 @@ def test_backbones_work_under_jvp_with_dropout_groupnorm_and_attention(name, spe
     torch.testing.assert_close(tangent, fd, rtol=1e-5, atol=1e-7)
 
 
+# -- the finite-difference fallback (jvp = "finite-difference") -------------------------------------
+
+
+def _net(name, spec, options, dtype):
+    cls = REGISTRIES.backbones.get(name)
+    torch.manual_seed(0)
+    net = cls.build(build_attrs(cls.config_class, options, "b."), spec).to(dtype)
+    with torch.no_grad():  # the near-zero output layers would make the check trivially small
+        for p in net.parameters():
+            if p.abs().max() < 1e-3:
+                p.normal_(0, 0.1)
+    return net
+
+
+def _trigflow_points(spec, dtype, sigma_data=0.5):
+    """x_s, dx_s/ds (sCT's) at sigma from sigma_min = 0.002 to sigma_max = 800 (s just below pi/2,
+    where the difference's plus pass crosses pi/2)."""
+    gen = torch.Generator().manual_seed(0)
+    s = torch.atan(torch.tensor([0.002, 0.05, 1.0, 800.0], dtype=dtype) / sigma_data)
+    x = torch.randn(len(s), *spec.shape, dtype=dtype, generator=gen)
+    z = sigma_data * torch.randn(x.shape, dtype=dtype, generator=gen)
+    cos, sin = (a.view(-1, *[1] * len(spec.shape)) for a in (s.cos(), s.sin()))
+    return x, z, s, cos * x + sin * z, cos * z - sin * x
+
+
+@pytest.mark.parametrize("name,spec,options", BACKBONES, ids=[b[0] for b in BACKBONES])
+def test_the_finite_difference_tangent_agrees_with_the_jvp_in_float64(name, spec, options):
+    """Dropout on (each pass draws the JVP's masks), s from sigma_min to sigma_max."""
+    net = _net(name, spec, options, torch.float64).train()
+    cond = None if spec.num_classes is None else torch.arange(4)
+    _, _, s, x_s, dxds = _trigflow_points(spec, torch.float64)
+    results = {}
+    for jvp in ("autograd", "finite-difference"):
+        scm = method(ContinuousConsistencyTraining, jvp=jvp, fd_step=1e-5)
+        torch.manual_seed(5)
+        _, J = scm.derivative(net, x_s, s, dxds, cond)
+        torch.manual_seed(5)
+        results[jvp] = (J, *scm.tangent(net, x_s, s, dxds, cond, r=0.3))
+    (J, F_minus, g), (J_fd, F_minus_fd, g_fd) = results["autograd"], results["finite-difference"]
+    assert float(J.flatten(1).abs().max(1).values.min()) > 1e-4  # no row is trivially small
+    scale = J.flatten(1).abs().max(1).values.view(-1, *[1] * len(spec.shape))
+    assert float(((J_fd - J).abs() / scale).max()) < 1e-6
+    torch.testing.assert_close(F_minus_fd, F_minus, rtol=1e-12, atol=1e-12)  # the third, plain pass
+    torch.testing.assert_close(g_fd, g, rtol=1e-6, atol=1e-6 * float(g.abs().max()))
+
+
+def _losses_both_ways(scm_cls, options, net, x, cond=None, teacher=None, **extra):
+    outputs = {}
+    for jvp in ("autograd", "finite-difference"):
+        scm = method(scm_cls, teacher=teacher, jvp=jvp, **options, **extra)
+        student = scm.build_student(net)
+        student.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same dropout masks both times
+        loss = scm.loss(student, Batch(x, cond), torch.Generator().manual_seed(4), step=50).loss
+        loss.backward()
+        outputs[jvp] = (loss.detach(), [p.grad.clone() for p in student.backbone.parameters()])
+    return outputs
+
+
+@pytest.mark.parametrize("scm_cls", [ContinuousConsistencyTraining, ContinuousConsistencyDistillation])
+def test_the_finite_difference_loss_is_close_to_the_autograd_loss_in_float32(scm_cls):
+    """float32, the default step 1e-3, dropout on, r = 0.5, no normalisation of g (so that a
+    difference in g reaches the loss whole). In float32 the finite-difference g differs from the
+    exact one by 1e-4 to 2e-4 of its size per sample here (rounding: about eps |F| / step; the
+    JVP's own float32 error is below 1e-6; docs/baselines.md). Measured: the loss moves by 1.4e-5
+    (sct) and 2.2e-5 (scd) relative, the gradients by 1.4e-4 and 5.8e-4 of each tensor's largest
+    entry (a sum over samples with both signs loses some of the relative precision). The
+    tolerances, 2e-4 and 3e-3, leave a margin of about 5 to 10; a wrong factor in J (its scale,
+    its sign, r) moves them by order one."""
+    spec = DataSpec((1, 8, 8))
+    options = {"channels": 8, "channel_mult": [1, 2], "num_groups": 4, "dropout": 0.2}
+    net = _net("unet", spec, options, torch.float32).train()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, *spec.shape, generator=gen)
+
+    class ImageTeacher(Teacher):
+        name = identity = "image-test-teacher"
+
+        def velocity(self, x, t, cond=None):
+            return x * t.view(-1, 1, 1, 1) - 0.5 * x
+
+    teacher = ImageTeacher() if scm_cls is ContinuousConsistencyDistillation else None
+    config = {"tangent_warmup_steps": 100, "tangent_normalization": "none"}
+    if teacher is not None:
+        config["init_from_teacher"] = False
+    outputs = _losses_both_ways(scm_cls, config, net, x, teacher=teacher)
+    (loss, grads), (loss_fd, grads_fd) = outputs["autograd"], outputs["finite-difference"]
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads_fd, grads))
+    print(f"loss {float(loss):.6g} vs {float(loss_fd):.6g} ({float((loss_fd - loss) / loss):.1e}); gradients {worst:.1e}")
+    torch.testing.assert_close(loss_fd, loss, rtol=2e-4, atol=0)
+    for got, want in zip(grads_fd, grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=3e-3 * float(want.abs().max()))
+
+
+def test_the_finite_difference_works_where_forward_mode_ad_does_not(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with _scaled_dot_product_flash_attention")
+
+    monkeypatch.setattr(torch.func, "jvp", refuse)
+    batch = Batch(gaussian_data(16))
+    for jvp in ("autograd", "finite-difference"):
+        scd = method(teacher=GaussianTeacher(), jvp=jvp)
+        student = scd.build_student(GaussianConsistency(s=0.4)).double()
+        if jvp == "autograd":
+            with pytest.raises(NotImplementedError):
+                scd.loss(student, batch, torch.Generator().manual_seed(1), step=5)
+        else:
+            assert torch.isfinite(scd.loss(student, batch, torch.Generator().manual_seed(1), step=5).loss)
+
+
+class CountingNetwork(torch.nn.Module):
+    """Records, for each forward call, whether gradients were on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append(torch.is_grad_enabled())
+        return self.inner(*args, **kwargs)
+
+
+def test_finite_difference_evaluations_are_counted_honestly():
+    """The loss calls the backbone as ``network_evals_per_step`` says: the difference's two
+    passes without gradient and the one with (F^- is its output, detached); no JVP."""
+    batch = Batch(gaussian_data(8))
+    for cls, teacher in ((ContinuousConsistencyTraining, None), (ContinuousConsistencyDistillation, GaussianTeacher())):
+        scm = method(cls, teacher=teacher, jvp="finite-difference")
+        backbone = CountingNetwork(GaussianConsistency(s=0.4))
+        scm.loss(scm.build_student(backbone).double(), batch, torch.Generator().manual_seed(1), step=5)
+        assert backbone.calls == [False, False, True], cls.name
+        expected = {"with_grad": 1, "no_grad": 2 + (teacher is not None)}
+        assert scm.network_evals_per_step() == expected
+        assert scm.tags()[f"distillkit.{cls.name}.jvp"] == "finite-difference"
+    backbone = CountingNetwork(GaussianConsistency(s=0.4))
+    scm = method(ContinuousConsistencyTraining)
+    scm.loss(scm.build_student(backbone).double(), batch, torch.Generator().manual_seed(1), step=5)
+    assert backbone.calls == [False, True]  # the JVP (one call, its primal and tangent together), the pass
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("jvp", "fd", "one of autograd, finite-difference"),
+    ("jvp", "", "one of autograd, finite-difference"),
+    ("fd_step", 0, "a number in (0, 0.1]"),
+    ("fd_step", 0.2, "a number in (0, 0.1]"),
+    ("fd_step", float("nan"), "a number in (0, 0.1]"),
+])
+@pytest.mark.parametrize("config_cls", [SCMConfig, SCDConfig])
+def test_bad_derivative_options_are_one_line_config_errors(config_cls, key, value, allowed):
+    with pytest.raises(distillkit.ConfigError) as info:
+        build_attrs(config_cls, {key: value}, "method_options.")
+    message = str(info.value)
+    assert message.startswith(f"method_options.{key}=") and message.endswith(allowed) and "\n" not in message
+
+
 # -- the conformance base ------------------------------------------------------------------------
 
 
@@ -373,6 +528,13 @@ class TestSCT(MethodConformance):
 
 class TestSCD(MethodConformance):
     method_name = "scd"
+
+
+class TestSCTWithFiniteDifferences(MethodConformance):
+    method_name = "sct"
+
+    def options(self, name):
+        return {"jvp": "finite-difference"}
 
 
 class TestSCDOnLabelledImages(MethodConformance):
@@ -392,6 +554,11 @@ class TestSCDOnLabelledImages(MethodConformance):
                 return x * t.view(-1, 1, 1, 1) - 0.5 * x * (1 + cond.view(-1, 1, 1, 1) / 10)
 
         return LabelledTeacher()
+
+
+class TestSCDOnLabelledImagesWithFiniteDifferences(TestSCDOnLabelledImages):
+    def options(self, name):
+        return {"jvp": "finite-difference"}
 
 
 # -- a short toy2d demonstration -----------------------------------------------------------------

@@ -19,6 +19,10 @@ product of the network along the tangent (dz, dr, dt) = (v, 0, 1). The loss regr
 
     u_tgt = sg( v - (t - r) du/dt ),    Delta = sum over the sample's elements (u - u_tgt)^2,
     L = mean_batch( sg(w) Delta ),     w = 1 / (Delta + c)^p          (adaptive weighting)
+
+du/dt is taken by forward-mode AD (``jvp = "autograd"``, the default) or, for a device path where
+forward-mode AD through the network is slow or missing (fused attention kernels), by a central
+difference along the same tangent (``jvp = "finite-difference"``, see ``finite_difference_derivative``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ from distillkit import LossOutput, Method, SamplingModel, broadcast_time, straig
 #: The name of the backbone's extra conditioning input: the interval h = t - r.
 INTERVAL = "h"
 
+#: How du/dt is taken: forward-mode AD (``torch.func.jvp``) or a central finite difference.
+JVP_MODES = ("autograd", "finite-difference")
+#: The default relative step of the finite difference (see ``finite_difference_derivative``).
+FD_STEP = 1e-3
+
 
 def _real(instance, attribute, value) -> None:
     validators.require(validators.is_number(value), attribute, value, "a number")
@@ -44,6 +53,12 @@ def _real(instance, attribute, value) -> None:
 
 def _fraction(instance, attribute, value) -> None:
     validators.require(validators.is_number(value) and 0 <= value <= 1, attribute, value, "a number in [0, 1]")
+
+
+def _relative_step(instance, attribute, value) -> None:
+    # Up to 0.1: beyond it the central difference's own error (~ step^2) is no longer small, and
+    # t - step t stays above t / 2, so the rounded step (t+ - t-) / 2 is exact (Sterbenz).
+    validators.require(validators.is_number(value) and 0 < value <= 0.1, attribute, value, "a number in (0, 0.1]")
 
 @attrs.frozen
 class MeanFlowConfig:
@@ -60,6 +75,11 @@ class MeanFlowConfig:
     norm_p: float = attrs.field(default=1.0, validator=validators.non_negative_number)
     #: c of the adaptive weight (paper: 1e-3)
     norm_c: float = attrs.field(default=1e-3, validator=validators.positive_number)
+    #: du/dt by ``autograd`` (one torch.func.jvp, the paper's) or ``finite-difference`` (two forward
+    #: passes without gradient; for device paths without forward-mode AD through attention)
+    jvp: str = attrs.field(default="autograd", validator=validators.one_of(*JVP_MODES))
+    #: the finite difference's step, relative to t: t +- fd_step t (only with jvp = "finite-difference")
+    fd_step: float = attrs.field(default=FD_STEP, validator=_relative_step)
 
 
 def sample_times(n: int, config: MeanFlowConfig, generator: torch.Generator, *, device=None,
@@ -93,11 +113,49 @@ def _forward_mode_safe(device: torch.device):
     return stack
 
 
+def _network_precision(device: torch.device):
+    """Autocast off: a finite difference divides a difference of two outputs by a small step, so
+    the passes must run in the network's own precision (fp32); bf16's ~4e-3 rounding would swamp
+    it. Attention keeps whatever kernel the device picks (no forward-mode AD is needed)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def finite_difference_derivative(network: nn.Module, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
+                                 v: torch.Tensor, cond: Optional[torch.Tensor], step: float = FD_STEP):
+    """du/dt along the tangent (v, 0, 1) by a central difference, without gradient:
+
+        du/dt ~ (u(z + d v, r, t + d) - u(z - d v, r, t - d)) / (2 d),    d = step * t
+
+    two forward passes, each under the RNG state of the call (the dropout masks of the forward
+    pass after it). The step is relative to t: near t = 0 the flow changes on the scale of t
+    itself, and the target multiplies du/dt by t - r <= t, so the rounding error the division
+    brings, about eps |u| / (step t), stays about eps |u| / step in the target at every t. d is
+    the step as rounded, (t+ - t-) / 2 (exact), so the time difference carries no rounding error.
+    At r = t the pass at t - d sees the interval h = -d (the embeddings are smooth through 0)."""
+    t_plus, t_minus = t * (1 + step), t * (1 - step)
+    half = (t_plus - t_minus) / 2
+    z_step = broadcast_time(half, z) * v
+
+    def u_at(z_, t_):
+        with _same_dropout(z.device):
+            return network(z_, t_, cond, extra={INTERVAL: t_ - r})
+
+    with torch.no_grad(), _network_precision(z.device):
+        difference = u_at(z + z_step, t_plus) - u_at(z - z_step, t_minus)
+    return difference / broadcast_time(2 * half, z)
+
+
 def average_velocity_and_derivative(network: nn.Module, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
-                                    v: torch.Tensor, cond: Optional[torch.Tensor]):
-    """(u, du/dt) at (z, r, t): one ``torch.func.jvp`` of (z, r, t) -> u(z, r, t) along the tangent
-    (v, 0, 1), without gradient. The interval h = t - r is computed inside the function, so its
-    tangent is 1 - 0 = 1."""
+                                    v: torch.Tensor, cond: Optional[torch.Tensor], *, jvp: str = "autograd",
+                                    fd_step: float = FD_STEP):
+    """(u, du/dt) at (z, r, t), without gradient. ``autograd``: one ``torch.func.jvp`` of
+    (z, r, t) -> u(z, r, t) along the tangent (v, 0, 1); the interval h = t - r is computed inside
+    the function, so its tangent is 1 - 0 = 1. ``finite-difference``: ``finite_difference_derivative``
+    and a third, plain forward pass for u (the loss does not need this one: it has its own)."""
+    if jvp == "finite-difference":
+        dudt = finite_difference_derivative(network, z, r, t, v, cond, fd_step)
+        with torch.no_grad(), _network_precision(z.device), _same_dropout(z.device):
+            return network(z, t, cond, extra={INTERVAL: t - r}), dudt
 
     def u_of(z_, r_, t_):
         return network(z_, t_, cond, extra={INTERVAL: t_ - r_})
@@ -124,18 +182,24 @@ class MeanFlow(Method):
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         t, r = sample_times(n, cfg, generator, device=x.device, dtype=x.dtype)
         z, v = straight_path(x, eps, t)
-        # The target is under stop-gradient, so the JVP is taken without a graph, on the plain
+        # The target is under stop-gradient, so du/dt is taken without a graph, on the plain
         # module (forward-mode AD goes through neither DDP's forward nor a compiled graph; the
         # trained pass below goes through them, so DDP still averages the gradients), with the
-        # dropout masks of the forward pass below (one forward + one JVP).
-        with _same_dropout(x.device):
-            _, dudt = average_velocity_and_derivative(unwrap_module(student), z, r, t, v, cond)
+        # dropout masks of the forward pass below (one forward + one JVP, or + two plain passes).
+        dudt = self.total_derivative(unwrap_module(student), z, r, t, v, cond)
         u = student(z, t, cond, extra={INTERVAL: t - r})
         target = (v - broadcast_time(t - r, x) * dudt).detach()
         delta = (u - target).square().flatten(1).sum(1)
         weight = (delta.detach() + cfg.norm_c).pow(-cfg.norm_p)
         loss = (weight * delta).mean()
         return LossOutput(loss, {"mse": delta.detach().mean() / x[0].numel()})
+
+    def total_derivative(self, network, z, r, t, v, cond) -> torch.Tensor:
+        """du/dt along (v, 0, 1) as configured; the loss's own forward pass gives u."""
+        if self.config.jvp == "finite-difference":
+            return finite_difference_derivative(network, z, r, t, v, cond, self.config.fd_step)
+        with _same_dropout(z.device):
+            return average_velocity_and_derivative(network, z, r, t, v, cond)[1]
 
     # sampling -----------------------------------------------------------------------------------
     def velocity_fn(self, student, cond=None):
@@ -159,11 +223,15 @@ class MeanFlow(Method):
         return SamplingModel(velocity=step_velocity, denoise=denoise)
 
     def network_evals_per_step(self):
-        # The forward pass with gradient, and the JVP (its own primal pass plus the tangent).
+        # The forward pass with gradient, and the JVP (its own primal pass plus the tangent), or
+        # the finite difference's two passes without gradient (its u is the forward pass's).
+        if self.config.jvp == "finite-difference":
+            return {"with_grad": 1, "no_grad": 2}
         return {"with_grad": 1, "no_grad": 0, "jvp": 1}
 
     def tags(self):
         return {"distillkit.meanflow.time_inputs": "t,t-r",
+                "distillkit.meanflow.jvp": self.config.jvp,
                 "distillkit.meanflow.interval_fraction": str(self.config.interval_fraction),
                 "distillkit.meanflow.norm_p": str(self.config.norm_p)}
 

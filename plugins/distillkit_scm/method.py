@@ -19,10 +19,15 @@ runs under no_grad on the unwrapped network (``torch.func.jvp`` cannot see throu
 gradient pass runs through the wrapped one, with the same dropout masks (the RNG is forked).
 F_theta(x_s, s) is the backbone's output v(x_t, t), read as our velocity and mapped exactly to
 TrigFlow's F; the consistency function is then f = x_t - t v in our frame.
+
+With ``jvp = "finite-difference"`` J is a central difference along the same tangent instead
+(two forward passes without gradient; for a device path without forward-mode AD through the
+network's attention), and F^- is the gradient pass's own output, detached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional
 
@@ -38,6 +43,10 @@ from .trigflow import linear_from_trigflow, time_from_angle, trigflow_velocity
 
 NORMALIZATIONS = ("rms", "l2", "clip", "none")
 PRIOR_WEIGHTINGS = ("inverse-sigma", "none")
+#: How dF^-/ds is taken: forward-mode AD (``torch.func.jvp``) or a central finite difference.
+JVP_MODES = ("autograd", "finite-difference")
+#: The default relative step of the finite difference in s (see ``_ContinuousConsistency.derivative``).
+FD_STEP = 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,6 +55,12 @@ PRIOR_WEIGHTINGS = ("inverse-sigma", "none")
 
 def _real(instance, attribute, value):
     validators.require(validators.is_number(value) and math.isfinite(value), attribute, value, "a finite number")
+
+
+def _relative_step(instance, attribute, value):
+    # Up to 0.1: beyond it the central difference's own error (~ step^2) is no longer small, and
+    # s - step s stays above s / 2, so the rounded step (s+ - s-) / 2 is exact (Sterbenz).
+    validators.require(validators.is_number(value) and 0 < value <= 0.1, attribute, value, "a number in (0, 0.1]")
 
 
 @attrs.frozen
@@ -70,6 +85,11 @@ class SCMConfig:
     logvar_features: int = attrs.field(default=128, validator=validators.positive_int)
     #: lambda(s): inverse-sigma = 1 / (sigma_d tan s); none = 1
     prior_weighting: str = attrs.field(default="inverse-sigma", validator=validators.one_of(*PRIOR_WEIGHTINGS))
+    #: dF^-/ds by ``autograd`` (one torch.func.jvp, the paper's) or ``finite-difference`` (two forward
+    #: passes without gradient; for device paths without forward-mode AD through attention)
+    jvp: str = attrs.field(default="autograd", validator=validators.one_of(*JVP_MODES))
+    #: the finite difference's step, relative to s: s +- fd_step s (only with jvp = "finite-difference")
+    fd_step: float = attrs.field(default=FD_STEP, validator=_relative_step)
 
     def __attrs_post_init__(self):
         if self.sigma_max <= self.sigma_min:
@@ -128,6 +148,18 @@ def _same_dropout(device: torch.device):
     return torch.random.fork_rng(devices=devices)
 
 
+def _forward_mode_safe(device: torch.device):
+    """For the JVP: attention on the math kernel (the flash and memory-efficient SDPA kernels,
+    CPU's flash included, have no forward-mode AD) and autocast off (the tangent in the network's
+    own precision, fp32)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    stack.enter_context(torch.autocast(device.type, enabled=False))
+    return stack
+
+
 # ------------------------------------------------------------------------------------------------
 # the method
 
@@ -181,18 +213,52 @@ class _ContinuousConsistency(Method):
         horizon = self.config.tangent_warmup_steps
         return 1.0 if horizon == 0 else min(1.0, step / horizon)
 
-    def tangent(self, network: nn.Module, x_s, s, dxds, cond, r: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F^-, g) with g = cos s df^-/ds at r = 1, before normalisation, F^- = sg F_theta.
-        The JVP's tangents are scaled by cos s sin s (as the paper does, for a tangent that
-        stays finite near s = pi/2), which makes J = cos s sin s dF^-/ds."""
+    def derivative(self, network: nn.Module, x_s, s, dxds, cond) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(F^-, J), J = cos s sin s dF^-/ds along (dx_s/ds, 1), without gradient, on the plain
+        module, each pass under the RNG state of the call. ``autograd``: one JVP whose tangents
+        are scaled by cos s sin s (as the paper does, for a tangent that stays finite near
+        s = pi/2). ``finite-difference``: F^- is None (the caller has it from its own pass) and
+
+            J ~ cos s sin s (F(x_s + d dx_s/ds, s + d) - F(x_s - d dx_s/ds, s - d)) / (2 d),  d = step s
+
+        The step is relative to s (as FastGen's fallback): near s = 0 F changes on the scale of s,
+        and J carries the factor cos s sin s < s, so the rounding error of the division, about
+        eps |F| / (step s), stays about eps |F| / step in J at every s. d is the step as rounded,
+        (s+ - s-) / 2 (exact). Near s = pi/2 the pass at s + d crosses pi/2: t(s) and x_t(x_s, s)
+        are smooth there (t slightly above 1), so no clamp (which would bias the difference)."""
+        F = self.trigflow_network(unwrap_module(network), cond)
+        scale = s.cos() * s.sin()
+        if self.config.jvp == "autograd":
+            with torch.no_grad(), _forward_mode_safe(x_s.device):
+                return torch.func.jvp(F, (x_s, s), (broadcast_time(scale, x_s) * dxds, scale))
+        step = self.config.fd_step
+        s_plus, s_minus = s * (1 + step), s * (1 - step)
+        half = (s_plus - s_minus) / 2
+        x_step = broadcast_time(half, x_s) * dxds
+
+        def F_at(x_, s_):
+            with _same_dropout(x_s.device):
+                return F(x_, s_)
+
+        # autocast off: a difference divided by a small step needs the network's own precision
+        with torch.no_grad(), torch.autocast(x_s.device.type, enabled=False):
+            difference = F_at(x_s + x_step, s_plus) - F_at(x_s - x_step, s_minus)
+        return None, broadcast_time(scale / (2 * half), x_s) * difference
+
+    def tangent_from(self, F_minus, J, x_s, s, dxds, r: float) -> torch.Tensor:
+        """g = -cos^2 s (sigma_d F^- - dx_s/ds) - r (cos s sin s x_s + sigma_d J): cos s df^-/ds at r = 1."""
         sigma_data = self.config.sigma_data
         cos, sin = broadcast_time(s.cos(), x_s), broadcast_time(s.sin(), x_s)
-        scale = s.cos() * s.sin()
-        F = self.trigflow_network(unwrap_module(network), cond)
-        with torch.no_grad():
-            F_minus, J = torch.func.jvp(F, (x_s, s), (broadcast_time(scale, x_s) * dxds, scale))
-        g = -cos * cos * (sigma_data * F_minus - dxds) - r * (cos * sin * x_s + sigma_data * J)
-        return F_minus, g
+        return -cos * cos * (sigma_data * F_minus - dxds) - r * (cos * sin * x_s + sigma_data * J)
+
+    def tangent(self, network: nn.Module, x_s, s, dxds, cond, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F^-, g) with g = cos s df^-/ds at r = 1, before normalisation, F^- = sg F_theta. With
+        finite differences F^- is a third, plain pass (the loss uses its gradient pass's instead)."""
+        F_minus, J = self.derivative(network, x_s, s, dxds, cond)
+        if F_minus is None:
+            with torch.no_grad(), torch.autocast(x_s.device.type, enabled=False), _same_dropout(x_s.device):
+                F_minus = self.trigflow_network(unwrap_module(network), cond)(x_s, s)
+        return F_minus, self.tangent_from(F_minus, J, x_s, s, dxds, r)
 
     def normalize(self, g: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -220,8 +286,7 @@ class _ContinuousConsistency(Method):
         dxds = self.ode_tangent(x, z, x_s, s, cond)
         r = self.tangent_warmup(step)
         with _same_dropout(x.device):
-            F_minus, g = self.tangent(student, x_s, s, dxds, cond, r)
-        target_shift = self.normalize(g)
+            F_minus, J = self.derivative(student, x_s, s, dxds, cond)
 
         # the gradient pass, through the (possibly wrapped) student, with the JVP's dropout masks
         t = time_from_angle(s, cfg.sigma_data)
@@ -231,6 +296,10 @@ class _ContinuousConsistency(Method):
         else:
             v, logvar = student(x_t, t, cond), torch.zeros_like(s)
         F = trigflow_velocity(v, x_t, t, s, cfg.sigma_data)
+        if F_minus is None:  # finite differences: sg F_theta is this pass's own output
+            F_minus = F.detach()
+        g = self.tangent_from(F_minus, J, x_s, s, dxds, r)
+        target_shift = self.normalize(g)
         residual = (F - F_minus - target_shift).flatten(1).square().mean(1)  # ||.||^2 / D
         prior = (-log_sigma).exp() if cfg.prior_weighting == "inverse-sigma" else torch.ones_like(s)
         per_sample = logvar.exp() * prior * residual - logvar
@@ -246,7 +315,13 @@ class _ContinuousConsistency(Method):
         return {
             f"distillkit.{self.name}.tangent_normalization": cfg.tangent_normalization,
             f"distillkit.{self.name}.adaptive_weighting": str(cfg.adaptive_weighting),
+            f"distillkit.{self.name}.jvp": cfg.jvp,
         }
+
+    def derivative_evals(self) -> dict:
+        """The JVP, or the finite difference's two passes without gradient (F^- is the gradient
+        pass's own output)."""
+        return {"no_grad": 2} if self.config.jvp == "finite-difference" else {"no_grad": 0, "jvp": 1}
 
 
 class ContinuousConsistencyTraining(_ContinuousConsistency):
@@ -259,7 +334,7 @@ class ContinuousConsistencyTraining(_ContinuousConsistency):
         return broadcast_time(s.cos(), x) * z - broadcast_time(s.sin(), x) * x
 
     def network_evals_per_step(self):
-        return {"with_grad": 1, "no_grad": 0, "jvp": 1}
+        return {"with_grad": 1, **self.derivative_evals()}
 
 
 class ContinuousConsistencyDistillation(_ContinuousConsistency):
@@ -291,7 +366,9 @@ class ContinuousConsistencyDistillation(_ContinuousConsistency):
             return sigma_data * trigflow_velocity(teacher.velocity(x_t, t, cond), x_t, t, s, sigma_data)
 
     def network_evals_per_step(self):
-        return {"with_grad": 1, "no_grad": 1, "jvp": 1}
+        evals = {"with_grad": 1, **self.derivative_evals()}
+        evals["no_grad"] += 1  # the teacher
+        return evals
 
     def tags(self):
         tags = super().tags()

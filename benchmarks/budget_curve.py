@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -193,6 +194,9 @@ def trained_run(plan: Plan, tree: dict, work: Path, name: str, teacher: str = ""
     done = folder / "finished.json"
     if done.exists():
         return folder
+    earlier = compatible_run(plan, tree, work, name, teacher)
+    if earlier is not None:
+        return earlier
     if not train:
         raise NotTrained(name)
     steps = tree["train"]["max_steps"]
@@ -201,6 +205,45 @@ def trained_run(plan: Plan, tree: dict, work: Path, name: str, teacher: str = ""
     done.write_text(json.dumps({"seconds_per_step": result["seconds_per_step"], "wall_seconds": result["wall_seconds"],
                                 "final_loss": result["final_loss"], "steps": steps}))
     return folder
+
+
+_RUN_HASH = re.compile(r"-[0-9a-f]{12}(?=/)")
+
+
+def _comparable(resolved_tree: dict) -> dict:
+    """What a run trains, flattened; a teacher checkpoint named by its run's name, not its hash."""
+    from distillkit.comparison.plan import _NOT_TRAINING
+    from distillkit.config import flatten
+
+    flat = flatten({k: v for k, v in resolved_tree.items() if k != "sample"})
+    if flat.get("teacher"):
+        flat["teacher"] = _RUN_HASH.sub("", str(flat["teacher"]))
+    return {k: v for k, v in flat.items() if k not in _NOT_TRAINING}
+
+
+def compatible_run(plan: Plan, tree: dict, work: Path, name: str, teacher: str):
+    """A finished run of ``name`` made by an earlier version of the code, whose config hash differs
+    only because options were added since: its recorded config agrees with this one on every
+    option both have (an added option at its default is assumed to keep the old behaviour, which
+    is what a new option's default must do). A rerun of the same training reproduces it bit for
+    bit, so reusing it changes no number; the log names what was added."""
+    from distillkit.config import run_config_from_dict
+    from distillkit.resolve import resolve
+    from distillkit import load_checkpoint
+
+    wanted = _comparable(resolve(run_config_from_dict({**tree, "teacher": teacher} if teacher else tree),
+                                 plan.registries).to_dict())
+    slug = name.replace(">", "_")
+    for folder in sorted(work.glob(f"{slug}-*")):
+        if not re.fullmatch(r"-[0-9a-f]{12}", folder.name[len(slug):]) or not (folder / "finished.json").exists():
+            continue
+        stored = _comparable(load_checkpoint(folder / "run" / "checkpoint.pt")["config"])
+        common = set(stored) & set(wanted)
+        if all(stored[k] == wanted[k] for k in common) and set(stored) <= set(wanted):
+            added = sorted(set(wanted) - set(stored))
+            _log(f"{name}: reusing {folder.name}, trained before {', '.join(added) or 'nothing'} existed")
+            return folder
+    return None
 
 
 def checkpoint_at(folder: Path, step: int) -> Path:
@@ -382,6 +425,7 @@ def write_plot(plan: Plan, args, rows: list[dict], path: Path) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     metric = plan.metrics[0]
     fig, axes = plt.subplots(1, len(plan.nfes), figsize=(5.0 * len(plan.nfes), 4.6), squeeze=False)
@@ -393,6 +437,7 @@ def write_plot(plan: Plan, args, rows: list[dict], path: Path) -> None:
             ax.plot(xs, ys, style, marker="os^Dv<>p*hX"[index % 11], markersize=4, label=r["label"],
                     color=plt.cm.tab20(index % 20))
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
         ax.set_xlabel("total training images (teacher + generated + student)")
         ax.set_title(f"{metric}, NFE {nfe} (lower is better)")
         ax.grid(True, which="both", alpha=0.3)

@@ -203,7 +203,9 @@ def main() -> None:
         lines.append("\nCPU peak memory: in a separate process per method, how far 1 + 3 training steps (build and "
                      "`prepare` included) raise the resident set above what it held before them (the kernel's "
                      "high-water mark, reset first); not the process's own peak, which is dominated by what every "
-                     "method shares (torch and the libraries distillkit loads)." +
+                     "method shares (torch and the libraries distillkit loads). A method that builds a teacher "
+                     "builds it before the window, and the teacher pays the libraries' first-use allocations there: "
+                     "on a small network that first use is most of the rise, so compare methods of the same kind only." +
                      (" Not measured (`--no-memory`): nan." if args.no_memory else ""))
     else:
         lines.append("\nPeak memory: `torch.cuda.max_memory_allocated` during the method's timed runs.")

@@ -204,8 +204,8 @@ def main() -> None:
                      "`prepare` included) raise the resident set above what it held before them (the kernel's "
                      "high-water mark, reset first); not the process's own peak, which is dominated by what every "
                      "method shares (torch and the libraries distillkit loads). A method that builds a teacher "
-                     "builds it before the window, and the teacher pays the libraries' first-use allocations there: "
-                     "on a small network that first use is most of the rise, so compare methods of the same kind only." +
+                     "builds it before the window, where it likely pays the libraries' first-use allocations: on a "
+                     "small network that first use may be most of the rise, so the column does not rank methods." +
                      (" Not measured (`--no-memory`): nan." if args.no_memory else ""))
     else:
         lines.append("\nPeak memory: `torch.cuda.max_memory_allocated` during the method's timed runs.")

@@ -126,6 +126,36 @@ def write_result(path: Optional[str], markdown: str, data: dict) -> None:
     print(f"written: {target} and {target.with_suffix('.json')}", file=sys.stderr)
 
 
+def log(line: str) -> None:
+    """Progress of a long benchmark, on stderr (stdout is the result)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def one_line_errors(parser, script: str) -> None:
+    """argparse's bad-input errors as one line and exit code 2 (its usage block is noise here)."""
+
+    def error(message: str):
+        print(f"{script}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
+
+
+def exit_code(script: str, run: Callable[[], int]) -> int:
+    """``run()``, with distillkit's errors as one line: bad input (UsageError, ConfigError
+    among them) exits 2 with nothing written, a failed run (e.g. a non-finite loss) exits 1."""
+    from distillkit.errors import DistillkitError, UsageError
+
+    try:
+        return run()
+    except UsageError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return 2
+    except DistillkitError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def fail(message: str) -> None:
     """Bad input: one line on stderr, exit code 2, nothing written."""
     print(message, file=sys.stderr)

@@ -40,6 +40,7 @@ chains (``--report-only`` none); the markdown / JSON / plot hold every chain who
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -51,11 +52,7 @@ import torch
 
 import _common
 import equal_budget
-from distillkit.errors import ConfigError, DistillkitError, UsageError
-
-
-def _log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+from distillkit.errors import ConfigError, DistillkitError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,11 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--device", default="cpu")
     add("--threads", type=int, default=0)
 
-    def one_line_error(message: str):
-        print(f"budget_curve: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    parser.error = one_line_error
+    _common.one_line_errors(parser, "budget_curve")
     return parser.parse_args(argv)
 
 
@@ -135,7 +128,7 @@ class Plan:
         self.spec = dataset.spec
         settings = EvalSettings(metrics=tuple(self.metrics), nfes=tuple(self.nfes), n=self.n,
                                 seed=first.config.sample.seed, data_root=args.data_root)
-        checked = Evaluator(of_config(first, dataset), settings, device=self.device, log=_log).check()
+        checked = Evaluator(of_config(first, dataset), settings, device=self.device, log=_common.log).check()
         self.prepared = {metric.name: metric for metric in checked.metrics}
 
     def _chain(self, label: str) -> dict:
@@ -200,7 +193,7 @@ def trained_run(plan: Plan, tree: dict, work: Path, name: str, teacher: str = ""
     if not train:
         raise NotTrained(name)
     steps = tree["train"]["max_steps"]
-    _log(f"{name}: training {steps} steps x {plan.batch} = {steps * plan.batch:,} images -> {folder.name}")
+    _common.log(f"{name}: training {steps} steps x {plan.batch} = {steps * plan.batch:,} images -> {folder.name}")
     result = equal_budget.train_run(tree, folder / "run", plan.device, teacher)
     done.write_text(json.dumps({"seconds_per_step": result["seconds_per_step"], "wall_seconds": result["wall_seconds"],
                                 "final_loss": result["final_loss"], "steps": steps}))
@@ -221,6 +214,15 @@ def _comparable(resolved_tree: dict) -> dict:
     return {k: v for k, v in flat.items() if k not in _NOT_TRAINING}
 
 
+@functools.lru_cache(maxsize=None)
+def _recorded(checkpoint: Path) -> dict:
+    """A finished run's recorded config, comparable; read once per run (a report asks for a
+    teacher's run once per student point)."""
+    from distillkit import load_checkpoint
+
+    return _comparable(load_checkpoint(checkpoint)["config"])
+
+
 def compatible_run(plan: Plan, tree: dict, work: Path, name: str, teacher: str):
     """A finished run of ``name`` made by an earlier version of the code, whose config hash differs
     only because options were added since: its recorded config agrees with this one on every
@@ -229,7 +231,6 @@ def compatible_run(plan: Plan, tree: dict, work: Path, name: str, teacher: str):
     bit, so reusing it changes no number; the log names what was added."""
     from distillkit.config import run_config_from_dict
     from distillkit.resolve import resolve
-    from distillkit import load_checkpoint
 
     wanted = _comparable(resolve(run_config_from_dict({**tree, "teacher": teacher} if teacher else tree),
                                  plan.registries).to_dict())
@@ -237,11 +238,10 @@ def compatible_run(plan: Plan, tree: dict, work: Path, name: str, teacher: str):
     for folder in sorted(work.glob(f"{slug}-*")):
         if not re.fullmatch(r"-[0-9a-f]{12}", folder.name[len(slug):]) or not (folder / "finished.json").exists():
             continue
-        stored = _comparable(load_checkpoint(folder / "run" / "checkpoint.pt")["config"])
-        common = set(stored) & set(wanted)
-        if all(stored[k] == wanted[k] for k in common) and set(stored) <= set(wanted):
+        stored = _recorded(folder / "run" / "checkpoint.pt")
+        if set(stored) <= set(wanted) and all(stored[k] == wanted[k] for k in stored):
             added = sorted(set(wanted) - set(stored))
-            _log(f"{name}: reusing {folder.name}, trained before {', '.join(added) or 'nothing'} existed")
+            _common.log(f"{name}: reusing {folder.name}, trained before {', '.join(added) or 'nothing'} existed")
             return folder
     return None
 
@@ -272,7 +272,6 @@ def evaluated(plan: Plan, args, checkpoint: Path) -> dict:
 def root_points(plan: Plan, args, chain: dict, work: Path, train: bool) -> list[dict]:
     """A chain from scratch: checkpoints of one run at --points even steps (or one run per point)."""
     variant = chain["stages"][0]
-    steps = 0
     out = []
     for j in range(1, plan.points + 1):
         images = plan.total * j // plan.points
@@ -359,7 +358,7 @@ def collect(plan: Plan, args, work: Path) -> list[dict]:
         try:
             points = points_of(plan, args, chain, work, chain["label"] in plan.only and not args.report_only)
         except NotTrained as missing:
-            _log(f"{chain['label']}: not in --work yet ({missing}), left out of the report")
+            _common.log(f"{chain['label']}: not in --work yet ({missing}), left out of the report")
             continue
         rows.append({"label": chain["label"], "points": points, "evals": cost_of(points[-1])})
     return rows
@@ -421,7 +420,7 @@ def write_plot(plan: Plan, args, rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
     except ImportError as exc:
-        _log(f"plot skipped: {exc}")
+        _common.log(f"plot skipped: {exc}")
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -458,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = collect(plan, args, work)
-    _log(f"done in {time.perf_counter() - started:.0f} s")
+    _common.log(f"done in {time.perf_counter() - started:.0f} s")
     data = {"machine": info, "command": _common.command_line(), "dataset": args.dataset, "total_images": plan.total,
             "teacher_images": plan.teacher_images, "eval_rate": plan.eval_rate, "batch_size": plan.batch,
             "seed": int(args.seed), "nfe": plan.nfes, "metrics": plan.metrics, "n": plan.n,
@@ -473,15 +472,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"budget_curve: error: {exc}", file=sys.stderr)
-        return 2
-    except DistillkitError as exc:
-        print(f"budget_curve: error: {exc}", file=sys.stderr)
-        return 1
-
+    return _common.exit_code("budget_curve", lambda: run(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,13 +28,9 @@ from pathlib import Path
 import torch
 
 import _common
-from distillkit.errors import ConfigError, DistillkitError, UsageError
+from distillkit.errors import ConfigError
 
 PLACEHOLDER_TEACHER = "teacher-trained-by-this-script"
-
-
-def _log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,11 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--time-limit", type=float, default=0.0, help="seconds; variants that would not fit are skipped")
     add("--threads", type=int, default=0, help="torch threads (default: torch's own)")
 
-    def one_line_error(message: str):  # argparse's usage block is noise for a benchmark script
-        print(f"equal_budget: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    parser.error = one_line_error
+    _common.one_line_errors(parser, "equal_budget")
     return parser.parse_args(argv)
 
 
@@ -148,7 +140,7 @@ class Plan:
         self.spec = dataset.spec
         settings = EvalSettings(metrics=tuple(self.metrics), nfes=tuple(self.nfes), n=self.n, seed=first.config.sample.seed,
                                 data_root=args.data_root)
-        checked = Evaluator(of_config(first, dataset), settings, device=self.device, log=_log).check()
+        checked = Evaluator(of_config(first, dataset), settings, device=self.device, log=_common.log).check()
         self.prepared = {metric.name: metric for metric in checked.metrics}
 
 
@@ -185,7 +177,7 @@ def train_run(tree: dict, output_dir: Path, device: torch.device, teacher_checkp
 
     started = time.perf_counter()
     result = train(resolved, NullTracker(), output_dir, dataset=dataset, teacher=teacher, device=device,
-                   progress=False, on_step=on_step, log=_log)
+                   progress=False, on_step=on_step, log=_common.log)
     wall = time.perf_counter() - started
     timed = k1 - k0 if k1 > k0 else 0
     per_step = (marks[k1] - marks[k0]) / timed if timed else wall / steps  # too few steps: the whole call
@@ -202,7 +194,7 @@ def evaluate(checkpoint: Path, plan: Plan, args: argparse.Namespace, work: Path)
     sample = trained.resolved.config.sample
     settings = EvalSettings(metrics=tuple(plan.metrics), nfes=tuple(plan.nfes), n=plan.n, seed=sample.seed,
                             data_root=args.data_root)
-    result = evaluate_model(trained, settings, device=plan.device, runs_dir=work, metrics=plan.prepared, log=_log)
+    result = evaluate_model(trained, settings, device=plan.device, runs_dir=work, metrics=plan.prepared, log=_common.log)
     return {m: result.values[plan.prepared[m].result_name] for m in plan.metrics}, trained, result.sampler
 
 
@@ -272,7 +264,7 @@ def write_plot(plan: Plan, args, rows: list[dict], path: Path) -> None:
                   r["values"]) for r in rows],
              plan.metrics, plan.nfes, path, f"{args.dataset}: quality vs NFE at {plan.budget:,} training images")
     except ImportError as exc:  # no matplotlib: the tables are the result
-        _log(f"plot skipped: {exc}")
+        _common.log(f"plot skipped: {exc}")
 
 
 def write_all(plan: Plan, args, info: dict, rows: list[dict], skipped: list[str], teacher: dict, final: bool) -> None:
@@ -308,11 +300,11 @@ def run(args: argparse.Namespace) -> int:
             if needs_teacher and not teacher_run:
                 estimate *= 1 + plan.teacher_images / plan.budget
             if rows and not deadline.allows(estimate):
-                _log(f"[{index}/{len(plan.runs)}] {label}: skipped ({deadline.left():.0f} s left, needs ~{estimate:.0f} s)")
+                _common.log(f"[{index}/{len(plan.runs)}] {label}: skipped ({deadline.left():.0f} s left, needs ~{estimate:.0f} s)")
                 skipped.append(label)
                 continue
             if needs_teacher and not teacher_run:
-                _log(f"teacher fm: training {plan.teacher_tree['train']['max_steps']} steps x {plan.batch}")
+                _common.log(f"teacher fm: training {plan.teacher_tree['train']['max_steps']} steps x {plan.batch}")
                 teacher_run = train_run(plan.teacher_tree, work / "teacher-fm", plan.device)
             if needs_teacher and not teacher:
                 config = teacher_run["resolved"].config
@@ -321,10 +313,10 @@ def run(args: argparse.Namespace) -> int:
                            "config": teacher_run["resolved"].to_dict()}
             steps = plan.steps[label]
             if label == plan.teacher_is and teacher_run:
-                _log(f"[{index}/{len(plan.runs)}] {label}: the teacher's run (same config), not trained again")
+                _common.log(f"[{index}/{len(plan.runs)}] {label}: the teacher's run (same config), not trained again")
                 done = teacher_run
             else:
-                _log(f"[{index}/{len(plan.runs)}] {label}: training {steps} steps x {plan.batch} = {steps * plan.batch:,} images")
+                _common.log(f"[{index}/{len(plan.runs)}] {label}: training {steps} steps x {plan.batch} = {steps * plan.batch:,} images")
                 done = train_run(tree, work / label, plan.device, teacher["checkpoint"] if needs_teacher else "")
                 if label == plan.teacher_is:
                     teacher_run = done
@@ -357,15 +349,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as exc:  # bad input (ConfigError too): one line, nothing written
-        print(f"equal_budget: error: {exc}", file=sys.stderr)
-        return 2
-    except DistillkitError as exc:  # a run failed (e.g. a non-finite loss)
-        print(f"equal_budget: error: {exc}", file=sys.stderr)
-        return 1
-
+    return _common.exit_code("equal_budget", lambda: run(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Closed forms and toy networks shared by tests/test_dmd2.py and tests/test_sid.py.
+"""Closed forms and toy networks shared by the one-step methods' tests (dmd2, sid, meanflow, scm).
 
 Everything here is written from the Gaussian algebra, independently of the plugins: for data
 x ~ N(mu, s^2 I) and x_t = (1 - t) x + t eps,
@@ -198,3 +198,15 @@ class Counted(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.counter.count(self.module(*args, **kwargs))
+
+
+class CountingNetwork(nn.Module):
+    """Records, for each forward call, whether gradients were on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append(torch.is_grad_enabled())
+        return self.inner(*args, **kwargs)

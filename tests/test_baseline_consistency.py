@@ -5,7 +5,6 @@ the sigma grid's t_max, old configs keeping the t grid, the CT schedules, the lo
 network, the sampler and the cd / ct recipes."""
 
 import math
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ import torch
 from torch import nn
 
 import distillkit
-from distillkit.cli.main import main
 from distillkit import Batch, DataSpec, MethodContext, NoOptions, PrepareContext, SamplerContext
 from distillkit.config import build_attrs, to_dict
 from distillkit_consistency import (
@@ -537,6 +535,8 @@ def test_a_checkpoint_from_before_the_grid_option_loads_with_the_t_grid(name, tm
 # recipes
 
 
+from test_cud_recipes import resolves_with_every_value  # noqa: E402
+
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("c[dt]-*.toml"))
 
 
@@ -545,16 +545,8 @@ def test_there_are_cd_and_ct_recipes_for_mnist_and_cifar10():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[f.stem for f in RECIPES])
-def test_recipe_resolves_with_the_values_it_sets_on_cms_sigma_grid(capsys, path):
-    tree = tomllib.loads(path.read_text())
-    argv = ["run", "--config", str(path), "--dry-run"]
-    if tree["method"] == "cd":
-        argv += ["--teacher", "toy2d-exact"]  # not loaded by --dry-run; only required to be set
-    assert main(argv) == 0
-    out = tomllib.loads(capsys.readouterr().out)
-    for section in ("train", "sample", "method_options", "backbone_options"):
-        for key, value in tree.get(section, {}).items():
-            assert out[section][key] == (pytest.approx(value) if not isinstance(value, str) else value), f"{section}.{key}"
+def test_recipe_resolves_with_the_values_it_sets_on_cms_sigma_grid(capsys, path, tmp_path):
+    out = resolves_with_every_value(capsys, path, tmp_path)
     options = out["method_options"]
     assert (options["grid"], options["sigma_min"], options["sigma_max"], options["rho"]) == ("sigma", 0.002, 80.0, 7.0)
     assert options["t_max"] == 80 / 81

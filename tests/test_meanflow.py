@@ -27,6 +27,7 @@ from distillkit.cli.main import main
 from distillkit.config import build_attrs
 from distillkit.resolve import build_sampler
 from distillkit.testing.methods import MethodConformance
+from one_step_toys import CountingNetwork
 from distillkit.testing.samplers import seeded_fresh_noise
 from distillkit_meanflow import MeanFlow, MeanFlowConfig, average_velocity_and_derivative, sample_times
 from distillkit_meanflow.method import finite_difference_derivative
@@ -302,18 +303,6 @@ def test_the_finite_difference_works_where_forward_mode_ad_does_not(monkeypatch)
     assert torch.isfinite(output.loss)
 
 
-class CountingNetwork(nn.Module):
-    """Records, for each forward call, whether gradients were on."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, *args, **kwargs):
-        self.calls.append(torch.is_grad_enabled())
-        return self.inner(*args, **kwargs)
-
-
 def test_evaluations_are_counted_honestly():
     """``network_evals_per_step`` says what the loss does: the finite difference's two passes
     without gradient and the one with, no JVP; the JVP's own pass is not a plain call."""
@@ -376,9 +365,9 @@ def test_a_few_hundred_steps_give_a_one_step_sampler_on_toy2d(tmp_path, capsys):
 # -- recipes ---------------------------------------------------------------------------------------
 
 from test_cud_recipes import RECIPES  # noqa: E402
-from test_cud_recipes import test_recipe_resolves_with_every_value_it_sets as _resolves_with_every_value  # noqa: E402
+from test_cud_recipes import resolves_with_every_value  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["meanflow-mnist", "meanflow-cifar10"])
 def test_recipes_resolve_with_every_value_they_set(capsys, tmp_path, name):
-    _resolves_with_every_value(capsys, RECIPES / f"{name}.toml", tmp_path)
+    resolves_with_every_value(capsys, RECIPES / f"{name}.toml", tmp_path)

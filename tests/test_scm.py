@@ -21,9 +21,10 @@ import torch
 
 import distillkit
 from distillkit import Batch, DataSpec, MethodContext, NoOptions, SamplerContext, Teacher
-from distillkit.cli.main import main
 from distillkit.config import build_attrs
 from distillkit.testing.methods import MethodConformance
+from one_step_toys import CountingNetwork
+from test_cud_recipes import resolves_with_every_value
 
 from distillkit_scm import (
     ContinuousConsistencyDistillation,
@@ -474,18 +475,6 @@ def test_the_finite_difference_works_where_forward_mode_ad_does_not(monkeypatch)
             assert torch.isfinite(scd.loss(student, batch, torch.Generator().manual_seed(1), step=5).loss)
 
 
-class CountingNetwork(torch.nn.Module):
-    """Records, for each forward call, whether gradients were on."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, *args, **kwargs):
-        self.calls.append(torch.is_grad_enabled())
-        return self.inner(*args, **kwargs)
-
-
 def test_finite_difference_evaluations_are_counted_honestly():
     """The loss calls the backbone as ``network_evals_per_step`` says: the difference's two
     passes without gradient and the one with (F^- is its output, detached); no JVP."""
@@ -626,16 +615,9 @@ def test_there_are_sct_and_scd_recipes_for_mnist_and_cifar10():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[f.stem for f in RECIPES])
-def test_recipe_resolves_with_the_values_it_sets(capsys, path):
+def test_recipe_resolves_with_the_values_it_sets(capsys, path, tmp_path):
     tree = tomllib.loads(path.read_text())
-    argv = ["run", "--config", str(path), "--dry-run"]
-    if tree["method"] == "scd":
-        argv += ["--teacher", "toy2d-exact"]  # not loaded by --dry-run; only required to be set
-    assert main(argv) == 0
-    out = tomllib.loads(capsys.readouterr().out)
-    for section in ("train", "sample", "method_options", "backbone_options"):
-        for key, value in tree.get(section, {}).items():
-            assert out[section][key] == (pytest.approx(value) if not isinstance(value, str) else value), f"{section}.{key}"
+    resolves_with_every_value(capsys, path, tmp_path)
     # the paper's method settings [P][B]
     options = tree["method_options"]
     assert (options["sigma_data"], options["p_mean"], options["p_std"]) == (0.5, -1.0, 1.4)

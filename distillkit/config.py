@@ -112,7 +112,7 @@ def _needs_compile(instance, attribute, value) -> None:
 
 @attrs.frozen
 class TrainConfig:
-    max_steps: int = option(2000, positive_int, cli="--max-steps", help="optimizer steps to train")
+    max_steps: int = option(1000, positive_int, cli="--max-steps", help="optimizer steps to train")
     batch_size: int = option(128, positive_int, cli="--batch-size", help="samples per optimizer step")
     optimizer: str = option("adam", one_of(*OPTIMIZERS), help="optimizer: adam, adamw or radam")
     lr: float = option(2e-3, positive_number, cli="--lr", help="learning rate")

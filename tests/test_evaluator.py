@@ -98,7 +98,8 @@ def test_end_of_run_is_evaluate_model_with_the_runs_own_sampler(tmp_path):
     for row in evaluation.rows:
         assert row.metric == result.values["energy"][row.nfe] and row.ode_error == result.values["ode_error"][row.nfe]
     assert evaluation.signatures == result.signatures
-    assert result.signatures["ode_error"].endswith("sampler=ode/euler/uniform weights=ema step=2000 ref=own:rk4x4rho2")
+    steps = resolved.config.train.max_steps
+    assert result.signatures["ode_error"].endswith(f"sampler=ode/euler/uniform weights=ema step={steps} ref=own:rk4x4rho2")
 
 
 # --------------------------------------------------------------------------------------------

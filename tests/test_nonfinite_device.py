@@ -4,6 +4,7 @@ good checkpoint; a skipped step leaves everything as if its update had not been 
 stays bitwise. On a CPU nothing runs ahead of the host, but the code path is the one a GPU runs;
 ``DISTILLKIT_TEST_DEVICE=cuda`` runs the single-network tests on a GPU (pinned copies, events)."""
 
+import math
 import os
 
 import attrs
@@ -187,3 +188,18 @@ def test_auto_is_the_host_check_on_a_cpu_and_a_host_checkpoint_resumes_with_the_
     after = load_checkpoint(resumed.checkpoint)
     assert after["step"] == 6 and after["optimizer"]["param_groups"][0]["fused"] is True
     assert after["optimizer"]["state"][0]["step"] == 6
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7, 1 << 22])
+def test_the_cpu_weights_check_equals_the_max_norm_of_every_tensor(chunk_elements):
+    from distillkit.training.step import largest_magnitude_on_cpu
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=generator) * 3 for shape in ((4, 3), (5,), (2, 2, 2), (1,))]
+    tensors.append(torch.randn(6, generator=generator).to(torch.bfloat16))  # mixed dtypes are promoted
+    expected = torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)
+    assert largest_magnitude_on_cpu(tensors, chunk_elements).item() == pytest.approx(expected.item(), rel=0, abs=0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = [t.clone() for t in tensors]
+        spoiled[2].view(-1)[5] = bad
+        assert not math.isfinite(largest_magnitude_on_cpu(spoiled, chunk_elements).item())

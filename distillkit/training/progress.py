@@ -89,33 +89,42 @@ def _duration(seconds: float) -> str:
 
 
 class RunEta:
-    """One line, early in training, with the time the whole run should take: the training steps
-    left at the rate of the ten steps after the first (which pays for warm-up), and the end-of-run
-    evaluation from the same rate, counted in network calls: a training step makes ``step_calls``
-    forward-equivalent calls (a backward pass counts as two), the evaluation ``eval_calls``
-    (batches of samples x (the NFEs + the reference solve)). A rough guide: a large evaluation
-    batch costs more than a training one on a busy accelerator, and metrics that run networks of
-    their own (FID's Inception) are not counted."""
+    """One line, early in training, with the time the whole run should take.
+
+    Training: the steps left at the rate of the steps after the first (which pays for warm-up),
+    measured over at least ``MEASURED_STEPS`` steps and ``MEASURED_SECONDS`` seconds, because a
+    shared machine's speed swings for seconds at a time. Evaluation: from the same rate per
+    network call on one sample. A training step makes ``step_calls`` forward-equivalent calls (a
+    backward pass counts as two) on ``batch_size`` samples; the evaluation makes
+    ``eval_sample_calls`` calls on one sample each (samples x (the NFEs + the reference solve)),
+    whatever batches it groups them in. A rough guide: metrics that run networks of their own
+    (FID's Inception, the digits classifier) are not counted."""
 
     MEASURED_STEPS = 10
+    MEASURED_SECONDS = 3.0
 
-    def __init__(self, start: int, total: int, step_calls: float, eval_calls: float, enabled: bool, log):
+    def __init__(self, start: int, total: int, step_calls: float, batch_size: int, eval_sample_calls: float,
+                 enabled: bool, log, clock=time.perf_counter):
         self.start, self.total = start, total
-        self.step_calls, self.eval_calls = max(step_calls, 1.0), eval_calls
+        self.step_sample_calls = max(step_calls, 1.0) * batch_size
+        self.eval_sample_calls = eval_sample_calls
         self.enabled = enabled and total - start > 2
-        self.log = log
+        self.log, self.clock = log, clock
         self.first_done: float = 0.0
 
     def update(self, step: int) -> None:
         if not self.enabled:
             return
-        measured_until = min(self.total, self.start + 1 + self.MEASURED_STEPS)
         if step == self.start + 1:
-            self.first_done = time.perf_counter()
-        elif step == measured_until:
-            per_step = (time.perf_counter() - self.first_done) / (step - self.start - 1)
-            training = per_step * (self.total - step)
-            evaluation = per_step / self.step_calls * self.eval_calls
-            self.log(f"distillkit: ETA {_duration(training + evaluation)} for the rest of the run: training "
-                     f"~{_duration(training)} ({per_step * 1000:.0f} ms/step), evaluation ~{_duration(evaluation)}")
-            self.enabled = False
+            self.first_done = self.clock()
+            return
+        measured = step - self.start - 1
+        elapsed = self.clock() - self.first_done
+        if step < self.total and (measured < self.MEASURED_STEPS or elapsed < self.MEASURED_SECONDS):
+            return
+        per_step = elapsed / measured
+        training = per_step * (self.total - step)
+        evaluation = per_step / self.step_sample_calls * self.eval_sample_calls
+        self.log(f"distillkit: ETA {_duration(training + evaluation)} for the rest of the run: training "
+                 f"~{_duration(training)} ({per_step * 1000:.0f} ms/step), evaluation ~{_duration(evaluation)}")
+        self.enabled = False

@@ -190,9 +190,29 @@ def _backward(setup: StepSetup, state: TrainingState, update: Update, index: int
 
 def weights_magnitude(state: TrainingState) -> torch.Tensor:
     """The largest |weight| over every network and EMA, on the device (no wait): finite exactly
-    when every weight is. One fused pass (``get_total_norm`` with the max norm), which NaN and
-    inf propagate through."""
-    return torch.nn.utils.get_total_norm(state.weight_tensors(), norm_type=math.inf)
+    when every weight is (NaN and inf propagate through both paths)."""
+    tensors = state.weight_tensors()
+    if tensors and tensors[0].device.type == "cpu":
+        return largest_magnitude_on_cpu(tensors)
+    # One fused pass on an accelerator: get_total_norm with the max norm.
+    return torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)
+
+
+def largest_magnitude_on_cpu(tensors: list[torch.Tensor], chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """max |x| over ``tensors``, as float32. On a CPU, get_total_norm loops over the tensors one
+    small call each (about 1 ms for the digits U-Net and its EMA, 1-4 % of a step); one
+    concatenation per chunk of up to ``chunk_elements`` values is about 5x cheaper, and the chunks
+    bound the temporary copy."""
+    maxima, group, size = [], [], 0
+    for tensor in tensors:
+        group.append(tensor.reshape(-1))
+        size += tensor.numel()
+        if size >= chunk_elements:
+            maxima.append(torch.cat(group).abs().amax().float())
+            group, size = [], 0
+    if group:
+        maxima.append(torch.cat(group).abs().amax().float())
+    return torch.stack(maxima).amax()
 
 
 def weights_failure(step: int, magnitude: float, checkpoint: str) -> TrainingFailed:

@@ -143,18 +143,15 @@ def _sample_grid(resolved: Resolved, method: Method, weights: torch.nn.Module, s
 
 
 def _run_eta(resolved: Resolved, method: Method, start_step: int, enabled: bool, log) -> RunEta:
-    import math
-
     from ..plugin_manager import get_registries
-    from ..sampling import DEFAULT_BATCH
 
-    sample = resolved.config.sample
+    sample, train = resolved.config.sample, resolved.config.train
     evals = method.network_evals_per_step()
     step_calls = 3 * evals["with_grad"] + evals["no_grad"] + 3 * evals.get("jvp", 0)
     reference = get_registries().integrators.get(sample.reference_integrator)
     stages = getattr(reference, "stages", 1)
-    eval_calls = math.ceil(sample.num_samples / DEFAULT_BATCH) * (sum(sample.nfe) + sample.reference_steps * stages)
-    return RunEta(start_step, resolved.config.train.max_steps, step_calls, eval_calls, enabled, log)
+    eval_sample_calls = sample.num_samples * (sum(sample.nfe) + sample.reference_steps * stages)
+    return RunEta(start_step, train.max_steps, step_calls, train.batch_size, eval_sample_calls, enabled, log)
 
 
 def _end_of_run_evaluation(resolved: Resolved, method: Method, weights: torch.nn.Module, dataset: Dataset,

@@ -56,5 +56,9 @@ class TrainingFailed(DistillkitError):
     """Training cannot go on (a non-finite loss or gradient); the message names the step."""
 
 
+class TrackingFailed(DistillkitError):
+    """The tracking store cannot record the run (its disk is full); exit code 1."""
+
+
 class TimeGridError(UsageError):
     """A time grid that is not strictly monotone, not finite, or outside [0, 1]."""

@@ -7,6 +7,8 @@ MLflow is imported only when a tracked run starts: it is slow to import and the 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import logging
 import os
 import shlex
@@ -14,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
 
-from .errors import UsageError
+from .errors import TrackingFailed, UsageError
 
 # MLflow refuses batches of more than 100 params; keys and values have length limits.
 _PARAMS_PER_BATCH = 100
@@ -203,6 +205,52 @@ def ui_url(tracking_uri: str, run_id: Optional[str]) -> Optional[str]:
     return f"{base}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
 
 
+#: SQLite's message for SQLITE_FULL, as it reaches us through sqlalchemy and MLflow.
+_SQLITE_FULL = "database or disk is full"
+
+
+def store_is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is SQLite's full disk."""
+    seen: Optional[BaseException] = exc
+    for _ in range(16):  # a chain is short; a loop in it must not hang us
+        if seen is None:
+            return False
+        if _SQLITE_FULL in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _FullStoreFilter(logging.Filter):
+    """Drops MLflow's own ERROR record (with its traceback) of a full store: the run reports it
+    in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _SQLITE_FULL not in record.getMessage()
+
+
+def _quiet_about_a_full_store(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _FullStoreFilter) for f in logger.filters):
+        logger.addFilter(_FullStoreFilter())
+
+
+def _full_store_is_enospc(method):
+    """A tracker call that fails on a full store raises ``OSError(ENOSPC)`` naming the store, so
+    the trainer reports it in one line as it does a full disk under a checkpoint."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if not store_is_full(exc):
+                raise
+            raise OSError(errno.ENOSPC, f"the MLflow store is full: {_SQLITE_FULL}",
+                          str(sqlite_file(self.tracking_uri) or self.tracking_uri)) from None
+
+    return call
+
+
 class MlflowTracker:
     """One MLflow run, through an explicit ``MlflowClient`` (no global fluent state).
 
@@ -222,7 +270,7 @@ class MlflowTracker:
         """Start a new run, or re-attach to ``run_id`` (resume: its params are not logged again)."""
         try:
             from mlflow.exceptions import MlflowException
-            from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient  # noqa: F401  (a missing MLflow fails here, in one line)
         except ImportError as exc:  # pragma: no cover - mlflow is a dependency
             raise UsageError(f"MLflow is not installed: {exc}") from None
         self.tracking_uri = tracking_uri
@@ -230,19 +278,32 @@ class MlflowTracker:
         # Creating a new store logs its schema migrations at INFO: noise in a user's terminal.
         for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        _quiet_about_a_full_store(logging.getLogger("mlflow.store.db.utils"))
         try:
-            with store_lock(tracking_uri):
-                self._client = MlflowClient(tracking_uri=tracking_uri)
-                if run_id is not None:
-                    run = self._client.get_run(run_id)
-                    experiment_id = run.info.experiment_id
-                    self._client.update_run(run_id, status="RUNNING")
-                else:
-                    experiment_id = self._experiment_id(experiment, artifact_root)
-                    run = self._client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+            self._start(experiment, artifact_root, run_name, tags, run_id)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise TrackingFailed(f"cannot start an MLflow run: no space left on the device for the store "
+                                 f"{exc.filename}; nothing was trained; free some space and run again") from None
         except MlflowException as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"cannot use MLflow tracking store {tracking_uri}: {first_line}") from None
+
+    @_full_store_is_enospc
+    def _start(self, experiment: str, artifact_root: Path, run_name: Optional[str], tags: Optional[dict[str, str]],
+               run_id: Optional[str]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        with store_lock(self.tracking_uri):
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            if run_id is not None:
+                run = self._client.get_run(run_id)
+                experiment_id = run.info.experiment_id
+                self._client.update_run(run_id, status="RUNNING")
+            else:
+                experiment_id = self._experiment_id(experiment, artifact_root)
+                run = self._client.create_run(experiment_id, run_name=run_name, tags=tags or {})
         self.experiment_id = experiment_id
         self.run_id: Optional[str] = run.info.run_id
 
@@ -260,6 +321,7 @@ class MlflowTracker:
                 self._client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment_id
 
+    @_full_store_is_enospc
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -267,6 +329,7 @@ class MlflowTracker:
         for start in range(0, len(items), _PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=items[start : start + _PARAMS_PER_BATCH])
 
+    @_full_store_is_enospc
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
         import time
@@ -275,13 +338,16 @@ class MlflowTracker:
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self._client.log_batch(self.run_id, metrics=batch)
 
+    @_full_store_is_enospc
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_full_store_is_enospc
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self._client.set_tag(self.run_id, key, str(value))
 
+    @_full_store_is_enospc
     def log_image(self, path: str | Path, key: str, step: int) -> None:
         """An image with a step, so the MLflow UI shows its history with a slider."""
         from PIL import Image
@@ -289,6 +355,7 @@ class MlflowTracker:
         with Image.open(path) as image:
             self._client.log_image(self.run_id, image.copy(), key=key, step=step)
 
+    @_full_store_is_enospc
     def finish(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
 

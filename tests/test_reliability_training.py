@@ -251,6 +251,55 @@ def test_a_default_run_killed_after_the_interval_resumes_to_the_uninterrupted_we
         assert torch.equal(uninterrupted["student"][key], final["student"][key]), key
 
 
+def test_a_full_mlflow_store_during_training_is_one_line_and_the_checkpoint_is_kept(tmp_path, capsys, monkeypatch):
+    """SQLite's SQLITE_FULL, raised where MLflow writes metrics (as sqlalchemy raises it, from
+    sqlite3.OperationalError), after the first checkpoint: one line, exit 1, the checkpoint named."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    real = MlflowClient.log_batch
+    written = []
+
+    def log_batch(self, run_id, metrics=(), **kwargs):
+        if any(m.key == "train/loss" and m.step > 20 for m in metrics):
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as cause:
+                raise RuntimeError("(sqlite3.OperationalError) database or disk is full [SQL: INSERT ...]") from cause
+        written.append(run_id)
+        return real(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    code = main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "40", "--batch-size", "16",
+                 "--checkpoint-every", "10", "--runs-dir", str(tmp_path), "--set", "train.log_every=5", *SMALL])
+    errors = _errors(capsys)
+    assert code == 1 and written and len(errors) == 1, errors
+    store = tmp_path / "mlflow.db"
+    assert f"no space left on the device writing {store} (the MLflow store is full" in errors[0], errors
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f"the last checkpoint, {run_dir / 'checkpoint.pt'}, is kept" in errors[0]
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 20
+
+
+def test_a_store_too_full_to_be_created_is_one_line_before_any_training(tmp_path, capsys):
+    """A real tmpfs too small for MLflow's new SQLite store (root only; skipped elsewhere)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        code = main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "5", "--batch-size", "16",
+                     "--runs-dir", str(mount / "runs"), *SMALL])
+        errors = _errors(capsys)
+        assert code == 1 and len(errors) == 1, errors
+        assert errors[0] == (f"distillkit: error: cannot start an MLflow run: no space left on the device for the store "
+                             f"{mount / 'runs' / 'mlflow.db'}; nothing was trained; free some space and run again")
+        assert not (mount / "runs" / "runs").exists() or not list((mount / "runs" / "runs").rglob("*.pt"))
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)  # detached even if a file there is still open
+
+
 def _agree(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 

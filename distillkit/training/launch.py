@@ -126,11 +126,14 @@ def resume_newest(start: RunStart) -> RunStart:
 
 @contextlib.contextmanager
 def finished_on_failure(tracker) -> Iterator[Any]:
-    """An exception inside ends the tracker's run as KILLED (Ctrl-C, SIGTERM) or FAILED, and goes on."""
+    """An exception inside ends the tracker's run as KILLED (Ctrl-C, SIGTERM) or FAILED, and goes on.
+    A store that cannot record that either (its disk is full) leaves the run RUNNING, which
+    ``--resume auto`` and the next run's orphan check handle: the exception inside is the news."""
     try:
         yield tracker
     except BaseException as exc:
-        tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        with contextlib.suppress(OSError):
+            tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
 
 
@@ -147,7 +150,8 @@ def _record_run(start: RunStart, output_dir: Path, run_id: Optional[str], tracki
 @contextlib.contextmanager
 def _disk_full_is_a_failure(output_dir: Path) -> Iterator[None]:
     """A full disk (or quota) while training ends the run with one line naming the checkpoint kept
-    (an atomic write leaves the previous one whole)."""
+    (an atomic write leaves the previous one whole); a full MLflow store arrives here as the same
+    OSError (``tracking._full_store_is_enospc``)."""
     import errno
 
     from ..errors import TrainingFailed
@@ -302,7 +306,7 @@ def launch(start: RunStart, *, track: bool = True, progress: bool = True, export
                 _record_run(start, output_dir, tracker.run_id, tracking_uri)
             result = train(resolved, tracker, output_dir, dataset=dataset, teacher=teacher,
                            resume=start.resume_payload, distributed=distributed, device=device, progress=progress)
-        tracker.finish("FINISHED")
+            tracker.finish("FINISHED")
     finally:
         dist_setup.teardown(distributed)
     exports: tuple = ()

@@ -269,8 +269,7 @@ class MlflowTracker:
     ) -> None:
         """Start a new run, or re-attach to ``run_id`` (resume: its params are not logged again)."""
         try:
-            from mlflow.exceptions import MlflowException
-            from mlflow.tracking import MlflowClient  # noqa: F401  (a missing MLflow fails here, in one line)
+            from mlflow.exceptions import MlflowException  # a missing MLflow fails here, in one line
         except ImportError as exc:  # pragma: no cover - mlflow is a dependency
             raise UsageError(f"MLflow is not installed: {exc}") from None
         self.tracking_uri = tracking_uri

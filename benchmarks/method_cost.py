@@ -119,37 +119,51 @@ def main() -> None:
     labels = [v for v in args.variants.split(",") if v]
     if "fm" not in labels:
         labels.insert(0, "fm")
-    parts = {label: variant_parts(label) for label in labels}
-    preset = PRESETS[args.preset]
-    batch = preset["batch"]
-    dataset = SyntheticImages(preset["shape"], count=4 * batch)
+    batch = PRESETS[args.preset]["batch"]
+    dataset = SyntheticImages(PRESETS[args.preset]["shape"], count=4 * batch)
     info = machine(device)
     work = Path(tempfile.mkdtemp(prefix="distillkit-method-cost-"))
-    registries = get_registries()
-
-    teachers, setups = {}, {}
-    for label, (method, _) in parts.items():
-        if registries.methods.get(method).requires_teacher and teacher_kind(method) not in teachers:
-            teachers[teacher_kind(method)] = make_teacher(teacher_kind(method), args.preset, dataset, device, work)
-    for label, (method, _) in parts.items():
-        teacher = teachers.get(teacher_kind(method)) if registries.methods.get(method).requires_teacher else None
-        setups[label] = (config_tree(label, args.preset, device=device, steps=1, precision=args.precision,
-                                     method_options=method_options(method, batch),
-                                     teacher="benchmark" if teacher else ""), teacher)
+    setups = _setups(labels, args, dataset, device, work)
 
     def measure(label):
         tree, teacher = setups[label]
         return time_training(tree, dataset, device, warmup=args.warmup, timed=args.steps, teacher=teacher, work=work)
 
+    rows, skipped = _measure_rounds(labels, measure, args.rounds, deadline)
+    lines = _report(labels, rows, skipped, setups, dataset, device, args, info)
+    write_result(args.out, "\n".join(lines) + "\n",
+                 {"machine": info, "args": vars(args), "rows": rows, "skipped": skipped})
+
+
+def _setups(labels: list[str], args, dataset, device, work: Path) -> dict[str, tuple[dict, object]]:
+    """(config tree, teacher or None) per variant; one untrained teacher per kind, made once."""
+    registries = get_registries()
+    batch = PRESETS[args.preset]["batch"]
+    methods = {label: variant_parts(label)[0] for label in labels}
+    teachers, setups = {}, {}
+    for label, method in methods.items():
+        if registries.methods.get(method).requires_teacher and teacher_kind(method) not in teachers:
+            teachers[teacher_kind(method)] = make_teacher(teacher_kind(method), args.preset, dataset, device, work)
+    for label, method in methods.items():
+        teacher = teachers.get(teacher_kind(method)) if registries.methods.get(method).requires_teacher else None
+        setups[label] = (config_tree(label, args.preset, device=device, steps=1, precision=args.precision,
+                                     method_options=method_options(method, batch),
+                                     teacher="benchmark" if teacher else ""), teacher)
+    return setups
+
+
+def _measure_rounds(labels: list[str], measure, rounds: int, deadline) -> tuple[dict[str, dict], list[str]]:
+    """Up to ``rounds`` measurements per variant, alternating the order every round; a variant
+    that fails is a result ("error"), later rounds are dropped first when time runs short."""
     rows: dict[str, dict] = {label: {"runs": []} for label in labels}
     skipped: list[str] = []
-    for r in range(args.rounds):
+    for r in range(rounds):
         for label in labels if r % 2 == 0 else list(reversed(labels)):
             if label in skipped:
                 continue
             begun = time.monotonic()
             if rows[label]["runs"] and not deadline.allows(2 * (rows[label].get("seconds", 0))):
-                continue  # later rounds are dropped first when time runs short
+                continue
             if not rows[label]["runs"] and not deadline.allows(30):
                 skipped.append(label)
                 continue
@@ -161,12 +175,12 @@ def main() -> None:
                 skipped.append(label)
                 continue
             rows[label]["seconds"] = time.monotonic() - begun
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return rows, skipped
 
-    from distillkit.config import run_config_from_dict
-    from distillkit.resolve import resolve
-    from distillkit.training.build import build_method
 
+def _report(labels, rows, skipped, setups, dataset, device, args, info) -> list[str]:
+    """The markdown lines; completes each row with its counts, rate, relative time and memory."""
     fm_rate = median([run["images_per_second"] for run in rows["fm"]["runs"]])
     lines = [header(f"Method cost per training step ({args.preset}, {args.precision})", info, command_line()),
              f"{describe_preset(args.preset)}, through distillkit's trainer. Per method: {args.warmup} untimed + {args.steps} timed steps, "
@@ -184,12 +198,7 @@ def main() -> None:
             continue
         if not runs:
             continue
-        tree, teacher = setups[label]
-        evals = build_method(resolve(run_config_from_dict(tree), registries), dataset.spec,
-                             teacher=teacher).network_evals_per_step()
-        # The one-off count at the method's default sizes (this benchmark scales them down).
-        once = build_method(resolve(run_config_from_dict({**tree, "method_options": {}}), registries), dataset.spec,
-                            teacher=teacher).network_evals_once()
+        evals, once = _evaluation_counts(*setups[label], dataset)
         rate = median([run["images_per_second"] for run in runs])
         if device.type == "cuda":
             memory = max(run["peak_memory_mb"] for run in runs)
@@ -199,20 +208,35 @@ def main() -> None:
                            startup_seconds=median([run["startup_seconds"] for run in runs]))
         lines.append(f"| {label} | {evals['with_grad']} + {evals['no_grad']} + {evals.get('jvp', 0)} | {once:,} | {rate:,.0f} | {fm_rate / rate:.2f}× | "
                      f"{len(runs)} | {memory:,.0f} | {rows[label]['startup_seconds']:.1f} |")
-    if device.type != "cuda":
-        lines.append("\nCPU peak memory: in a separate process per method, how far 1 + 3 training steps (build and "
-                     "`prepare` included) raise the resident set above what it held before them (the kernel's "
-                     "high-water mark, reset first); not the process's own peak, which is dominated by what every "
-                     "method shares (torch and the libraries distillkit loads). A method that builds a teacher "
-                     "builds it before the window, where it likely pays the libraries' first-use allocations: on a "
-                     "small network that first use may be most of the rise, so the column does not rank methods." +
-                     (" Not measured (`--no-memory`): nan." if args.no_memory else ""))
-    else:
-        lines.append("\nPeak memory: `torch.cuda.max_memory_allocated` during the method's timed runs.")
+    lines.append(MEMORY_NOTE_CPU + (" Not measured (`--no-memory`): nan." if args.no_memory else "")
+                 if device.type != "cuda" else "\nPeak memory: `torch.cuda.max_memory_allocated` during the method's timed runs.")
     if short := [label for label in skipped if "error" not in rows[label]]:
         lines.append(f"\nSkipped for lack of time: {', '.join(short)}.")
-    write_result(args.out, "\n".join(lines) + "\n",
-                 {"machine": info, "args": vars(args), "rows": rows, "skipped": skipped})
+    return lines
+
+
+def _evaluation_counts(tree: dict, teacher, dataset) -> tuple[dict, int]:
+    """The method's network evaluations per step, and its one-off count at the method's default
+    sizes (this benchmark scales them down)."""
+    from distillkit.config import run_config_from_dict
+    from distillkit.resolve import resolve
+    from distillkit.training.build import build_method
+
+    registries = get_registries()
+    evals = build_method(resolve(run_config_from_dict(tree), registries), dataset.spec,
+                         teacher=teacher).network_evals_per_step()
+    once = build_method(resolve(run_config_from_dict({**tree, "method_options": {}}), registries), dataset.spec,
+                        teacher=teacher).network_evals_once()
+    return evals, once
+
+
+MEMORY_NOTE_CPU = (
+    "\nCPU peak memory: in a separate process per method, how far 1 + 3 training steps (build and "
+    "`prepare` included) raise the resident set above what it held before them (the kernel's "
+    "high-water mark, reset first); not the process's own peak, which is dominated by what every "
+    "method shares (torch and the libraries distillkit loads). A method that builds a teacher "
+    "builds it before the window, where it likely pays the libraries' first-use allocations: on a "
+    "small network that first use may be most of the rise, so the column does not rank methods.")
 
 
 if __name__ == "__main__":

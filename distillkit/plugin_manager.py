@@ -183,22 +183,35 @@ def load_plugins(
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
+    infos, builtin = _register_plugins(pm, _candidates(extra_plugins, entry_points))
+    return PluginState(manager=pm, registries=_fill_registries(pm, infos, builtin), plugins=infos)
+
+
+_Candidate = tuple[str, Any, Optional[importlib.metadata.EntryPoint]]
+
+
+def _candidates(extra_plugins: Iterable[tuple[str, Any]], entry_points: bool) -> list[_Candidate]:
+    """(name, object or None, entry point or None) of every plugin to load, built-ins first: a
+    third-party plugin reusing a built-in plugin's name is the one ignored. The environment's
+    ``DISTILLKIT_LOAD_PLUGINS`` / ``DISTILLKIT_DISABLE_PLUGINS`` filter them."""
     allowed = _names_from_env("DISTILLKIT_LOAD_PLUGINS")
     blocked = _names_from_env("DISTILLKIT_DISABLE_PLUGINS") or set()
-    infos: dict[str, PluginInfo] = {}
-    builtin: dict[str, bool] = {}
-
-    candidates: list[tuple[str, Any, Optional[importlib.metadata.EntryPoint]]] = []
+    candidates: list[_Candidate] = []
     if entry_points:
-        # Built-ins first: a third-party plugin reusing a built-in plugin's name is the one ignored.
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
                          key=lambda e: (not _is_builtin(e), e.name)):
             candidates.append((ep.name, None, ep))
     candidates.extend((name, obj, None) for name, obj in extra_plugins)
+    return [c for c in candidates if c[0] not in blocked and (allowed is None or c[0] in allowed)]
 
+
+def _register_plugins(pm: pluggy.PluginManager, candidates: list[_Candidate]
+                      ) -> tuple[dict[str, PluginInfo], dict[str, bool]]:
+    """Load and register each candidate with pluggy; a broken one is reported in its
+    ``PluginInfo.errors``, never fatal. Returns the infos by name and which are built-in."""
+    infos: dict[str, PluginInfo] = {}
+    builtin: dict[str, bool] = {}
     for name, obj, ep in candidates:
-        if name in blocked or (allowed is not None and name not in allowed):
-            continue
         info = PluginInfo(name=name)
         if ep is not None and ep.dist is not None:
             info.distribution, info.version = ep.dist.name, ep.dist.version
@@ -226,15 +239,18 @@ def load_plugins(
             info.errors.append(f"not loaded: {exc}")
             continue
         info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+    return infos, builtin
 
+
+def _fill_registries(pm: pluggy.PluginManager, infos: dict[str, PluginInfo], builtin: dict[str, bool]) -> Registries:
+    """Call every register hook. Each implementation is called on its own so that what it
+    registers is attributed to it and its failure touches nobody else. Built-ins first, so that
+    they keep their names (a third-party plugin registering ``euler`` gets a load error, shown by
+    every command); then by plugin name: pluggy's LIFO order would make the winner of a duplicate
+    name depend on installation order."""
     registries = Registries()
     for hook_name, kind in HOOK_TO_KIND.items():
         registry = registries.of_kind(kind)
-        # Each implementation is called on its own so that what it registers is attributed to it
-        # and its failure touches nobody else. Built-ins first, so that they keep their names (a
-        # third-party plugin registering ``euler`` gets a load error, shown by every command);
-        # then by plugin name: pluggy's LIFO order would make the winner of a duplicate name
-        # depend on installation order.
         impls = sorted(getattr(pm.hook, hook_name).get_hookimpls(),
                        key=lambda i: (not builtin.get(i.plugin_name, False), i.plugin_name))
         for impl in impls:
@@ -255,8 +271,7 @@ def load_plugins(
                 if _fatal(exc):
                     raise
                 info.errors.append(f"hook {hook_name} raised {_one_line(exc)}")
-
-    return PluginState(manager=pm, registries=registries, plugins=infos)
+    return registries
 
 
 _STATE: Optional[PluginState] = None

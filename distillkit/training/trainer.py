@@ -178,6 +178,24 @@ class _FixedGridInputs:
         self.labels = class_labels(_GRID_IMAGES, spec.num_classes, seed).to(device) if spec.num_classes else None
 
 
+@attrs.define
+class _Run:
+    """What the loop of one run works with, built once (``_build_run``)."""
+
+    resolved: Resolved
+    parts: Components
+    state: TrainingState
+    setup: StepSetup
+    checkpointer: Checkpointer
+    batches: EpochBatches
+    device: torch.device
+    channels_last: bool
+
+    @property
+    def cfg(self):
+        return self.resolved.config.train
+
+
 def train(
     resolved: Resolved,
     tracker: Tracker,
@@ -197,19 +215,42 @@ def train(
     ``on_step(step)`` is called after each completed optimizer step and its checkpoint, if any
     (the crash tests raise from it).
     """
-    config = resolved.config
-    cfg = config.train
     from .build import pick_device
 
-    device = device or pick_device(config.device)
-    local_batch = _local_batch(cfg, distributed.world_size)
-    _set_matmul_precision(cfg.precision)
-
+    device = device or pick_device(resolved.config.device)
+    local_batch = _local_batch(resolved.config.train, distributed.world_size)  # before any work
+    _set_matmul_precision(resolved.config.train.precision)
     dataset = dataset if dataset is not None else build_dataset(resolved)
+    run = _build_run(resolved, tracker, output_dir, dataset, teacher, distributed, device, local_batch, progress)
+    if resume is not None:
+        _restore(run, resume, distributed.rank)
+    start_step = run.state.step
+    if start_step == 0:
+        _log_start(resolved, tracker, run.parts, run.state, teacher)
+    if distributed.is_main:
+        log(_start_line(resolved, run.state, distributed.world_size, start_step))
+    reporting = progress and distributed.is_main
+    final_loss, images_per_second, checkpoint = _train_steps(run, tracker, output_dir, distributed, reporting,
+                                                             on_step, log)
+    if not distributed.is_main:
+        return RunResult(tracker.run_id, output_dir, checkpoint, None, None, final_loss, images_per_second, start_step)
+    evaluation, figure = _end_of_run_evaluation(resolved, run.parts.method, run.state.sampling_weights(), dataset,
+                                                device, tracker, output_dir, log=log if progress else None)
+    # Written last: a run without it (killed during the evaluation, say) is resumed by --resume auto.
+    (output_dir / FINISHED_MARKER).write_text(json.dumps(evaluation.metrics(), indent=2))
+    return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step,
+                     skipped_steps=tuple(run.state.skipped_at))
+
+
+def _build_run(resolved: Resolved, tracker: Tracker, output_dir: Path, dataset: Dataset, teacher: Optional[Teacher],
+               distributed: Distributed, device: torch.device, local_batch: int, progress: bool) -> _Run:
+    """The networks (prepared by their method), their training state, the data and the checkpointer."""
+    config = resolved.config
+    cfg = config.train
     spec = dataset.spec
     method, modules = build_networks(resolved, spec, device, seed=config.seed, teacher=teacher)
-    image_model = cfg.channels_last and spec.is_image
-    if image_model:
+    channels_last = cfg.channels_last and spec.is_image
+    if channels_last:
         modules = {name: module.to(memory_format=torch.channels_last) for name, module in modules.items()}
     student = modules[method.sampling_network]
     parts = Components(dataset=dataset, spec=spec, method=method, student=student, networks=modules)
@@ -225,35 +266,40 @@ def train(
     checkpointer = Checkpointer(output_dir, cfg, distributed, tracker, header=lambda: {
         "convention": CONVENTION, "config": resolved.to_dict(),
         "data_spec": {"shape": list(spec.shape), "num_classes": spec.num_classes}, "run_id": tracker.run_id})
+    return _Run(resolved, parts, state, setup, checkpointer, batches, device, channels_last)
 
-    if resume is not None:
-        checkpointer.remove_leftovers()
-        try:
-            state.load_state_dict(resume)
-            batches.load_state_dict(resume["data"][distributed.rank])
-            restore_rng(resume["rng"][distributed.rank])
-        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:  # a foreign or damaged file
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise UsageError(f"the checkpoint resumed does not fit this run ({type(exc).__name__}: {first})") from None
+
+def _restore(run: _Run, resume: dict[str, Any], rank: int) -> None:
+    """Continue exactly where ``resume`` (a checkpoint payload) stopped: weights, optimizers,
+    schedules, EMAs, data position and random states."""
+    run.checkpointer.remove_leftovers()
+    try:
+        run.state.load_state_dict(resume)
+        run.batches.load_state_dict(resume["data"][rank])
+        restore_rng(resume["rng"][rank])
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:  # a foreign or damaged file
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"the checkpoint resumed does not fit this run ({type(exc).__name__}: {first})") from None
+
+
+def _train_steps(run: _Run, tracker: Tracker, output_dir: Path, distributed: Distributed, reporting: bool,
+                 on_step: Optional[Callable[[int], None]], log: Callable[[str], None]) -> tuple[float, float, Path]:
+    """The steps from the state's step to ``train.max_steps``: (final loss, images/s, last checkpoint)."""
+    cfg, state, method, device = run.cfg, run.state, run.parts.method, run.device
     start_step = state.step
-    if start_step == 0:
-        _log_start(resolved, tracker, parts, state, teacher)
-    if distributed.is_main:
-        log(_start_line(resolved, state, distributed.world_size, start_step))
-
-    grid_inputs = _FixedGridInputs(resolved, spec, device)
     for network in state.networks.values():
         network.model.train()
-    bar = Progress(cfg.max_steps, start_step, progress and distributed.is_main, cfg.log_every)
+    bar = Progress(cfg.max_steps, start_step, reporting, cfg.log_every)
+    eta = _run_eta(run.resolved, method, start_step, reporting, log)
     window = MetricWindow(cfg.batch_size)
+    grid_inputs = _FixedGridInputs(run.resolved, run.parts.spec, device)
     final_loss = float("nan")
-    checkpoint = checkpointer.latest
+    checkpoint = run.checkpointer.latest
     prefetched: Optional[Batch] = None
     clock = CheckpointClock(cfg.checkpoint_minutes)
-    eta = _run_eta(resolved, method, start_step, progress and distributed.is_main, log)
     with StopRequests() as stops:
         for step in range(start_step, cfg.max_steps):
-            batch = _on_device(prefetched if prefetched is not None else next(batches), device, image_model)
+            batch = _on_device(prefetched if prefetched is not None else next(run.batches), device, run.channels_last)
             prefetched = None
             done = step + 1
             # Every rank must checkpoint (and stop) at the same step: the decisions are agreed on.
@@ -265,22 +311,23 @@ def train(
                 # The next batch is collated while the device still works on this step. Never before a
                 # checkpoint: the data position saved there must be the one after this step.
                 if not checkpoint_due and not method.data_changes_after_step:
-                    prefetched = next(batches)
+                    prefetched = next(run.batches)
 
-            for result in run_step(setup, state, batch, step, before_wait=prefetch, checkpoint=checkpointer.last_good,
+            for result in run_step(run.setup, state, batch, step, before_wait=prefetch,
+                                   checkpoint=run.checkpointer.last_good,
                                    settle=checkpoint_due or _reads_now(cfg, done)):  # the device check: see step.py
                 final_loss = result.sampling_loss if result.sampling_loss is not None else final_loss
                 window.add(result.metrics)
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
+            if _logged(cfg, done):
                 tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
             bar.update(done, final_loss, window.images_per_second)
             eta.update(done)
             if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
-                _sample_grid(resolved, method, state.sampling_weights(), spec, grid_inputs.noise, grid_inputs.labels,
-                             output_dir, tracker, done)
+                _sample_grid(run.resolved, method, state.sampling_weights(), run.parts.spec, grid_inputs.noise,
+                             grid_inputs.labels, output_dir, tracker, done)
             if checkpoint_due:
-                check_weights(state, checkpointer.last_good)  # a checkpoint never holds non-finite weights
-                checkpoint = checkpointer.save(state, batches)
+                check_weights(state, run.checkpointer.last_good)  # a checkpoint never holds non-finite weights
+                checkpoint = run.checkpointer.save(state, run.batches)
                 clock.reset()
             if on_step is not None:
                 on_step(done)
@@ -288,28 +335,24 @@ def train(
                 bar.close()
                 raise TrainingInterrupted(stops.signal_name, done, cfg.max_steps, checkpoint, done,
                                           exit_code=128 + stops.received)
-    check_weights(state, checkpointer.last_good)  # the final model (resumed at max_steps: nothing pending)
+    check_weights(state, run.checkpointer.last_good)  # the final model (resumed at max_steps: nothing pending)
     bar.close()
-
-    images_per_second = window.images_per_second
-    if not distributed.is_main:
-        return RunResult(tracker.run_id, output_dir, checkpoint, None, None, final_loss, images_per_second, start_step)
-    evaluation, figure = _end_of_run_evaluation(resolved, method, state.sampling_weights(), dataset, device,
-                                                tracker, output_dir, log=log if progress else None)
-    # Written last: a run without it (killed during the evaluation, say) is resumed by --resume auto.
-    (output_dir / FINISHED_MARKER).write_text(json.dumps(evaluation.metrics(), indent=2))
-    return RunResult(tracker.run_id, output_dir, checkpoint, figure, evaluation, final_loss, images_per_second, start_step,
-                     skipped_steps=tuple(state.skipped_at))
+    return final_loss, window.images_per_second, checkpoint
 
 
 def _checkpoint_due(cfg, done: int, requested: bool) -> bool:
     return bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or requested or done == cfg.max_steps
 
 
+def _logged(cfg, done: int) -> bool:
+    """A step whose window of metrics goes to the tracker."""
+    return done % cfg.log_every == 0 or done == cfg.max_steps
+
+
 def _reads_now(cfg, done: int) -> bool:
     """A step whose values are needed at once: logged, or followed by a sample grid of its weights
     (with the device-side check they are otherwise read during the next step)."""
-    return done % cfg.log_every == 0 or bool(cfg.sample_every and done % cfg.sample_every == 0)
+    return _logged(cfg, done) or bool(cfg.sample_every and done % cfg.sample_every == 0)
 
 
 def _on_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:

@@ -273,3 +273,56 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(check, 
     assert b["world_size"] == 2 and len(b["rng"]) == 2
     for key, value in a["student"].items():
         torch.testing.assert_close(b["student"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_time_checkpoints_under_torchrun_come_once_per_interval_and_change_no_weight(tmp_path):
+    """The checkpoint clock's decision is agreed on one step late under torchrun (StepAgreement):
+    each interval gives one checkpoint (never a second one at the step after) and the weights equal
+    those of the same DDP run without time checkpoints."""
+    common = ["run", "--method", "fm", "--dataset", "toy2d", "--set", "dataset_options.train_size=448",
+              "--batch-size", "64", "--max-steps", "300", "--no-track", "--quiet", "--nfe", "1",
+              "--set", "sample.num_samples=16", "--set", "sample.reference_steps=1", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def ddp(name: str, *extra: str):
+        done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "distillkit.cli.main",
+                               *common, "--runs-dir", str(tmp_path / name), *extra], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return next((tmp_path / name).glob("runs/*"))
+
+    timed = ddp("timed", "--set", "train.checkpoint_minutes=0.004", "--set", "train.keep_last=1000")  # every 0.24 s
+    steps = sorted(int(p.stem.split("-")[1]) for p in (timed / "checkpoints").glob("step-*.pt"))
+    assert len(steps) >= 3 and steps[-1] == 300, steps
+    assert min(b - a for a, b in zip(steps, steps[1:])) > 1, steps
+    plain = ddp("plain")
+    a, b = load_checkpoint(plain / "checkpoint.pt"), load_checkpoint(timed / "checkpoint.pt")
+    for key, value in a["student"].items():
+        assert torch.equal(b["student"][key], value), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_agreement_on_cuda_reads_the_collective_a_step_later_through_pinned_memory():
+    """StepAgreement's CUDA path (pinned copy and event behind an NCCL all-reduce), in a process
+    group of one rank that the agreement treats as distributed."""
+    import socket
+
+    import torch.distributed as dist
+
+    from distillkit.training.distributed import Distributed, StepAgreement
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        agreement = StepAgreement(Distributed(world_size=2, rank=0), torch.device("cuda"), 2)
+        assert agreement._host and agreement._host[0].is_pinned()
+        x = torch.randn(2048, 2048, device="cuda")
+        answers = []
+        for flags in ([True, False], [False, False], [False, True], [False, False]):
+            answers.append(agreement.exchange(flags))
+            x = x @ x / 2048  # device work queued behind each exchange
+        assert answers == [[False, False], [True, False], [False, False], [False, True]]
+    finally:
+        dist.destroy_process_group()

@@ -303,12 +303,16 @@ def test_a_store_too_full_to_be_created_is_one_line_before_any_training(tmp_path
 def _agree(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
-    from distillkit.training.distributed import Distributed
+    from distillkit.training.distributed import Distributed, StepAgreement
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        # Only rank 0's clock is due, only rank 1 got the signal: both must act on both.
-        queue.put((rank, Distributed(world, rank).any([rank == 0, rank == 1], torch.device("cpu"))))
+        # Only rank 0's clock is due, only rank 1 got the signal: both must act on both, at the
+        # same step: the next exchange (the step after) under torchrun.
+        agreement = StepAgreement(Distributed(world, rank), torch.device("cpu"), 2)
+        answers = [agreement.exchange([rank == 0, rank == 1]), agreement.exchange([False, False]),
+                   agreement.exchange([False, rank == 1]), agreement.exchange([False, False])]
+        queue.put((rank, answers))
     finally:
         dist.destroy_process_group()
 
@@ -329,7 +333,28 @@ def test_checkpoint_and_stop_decisions_are_the_same_on_every_rank():
     results = dict(queue.get(timeout=120) for _ in procs)
     for proc in procs:
         proc.join(timeout=60)
-    assert results == {0: [True, True], 1: [True, True]}
+    expected = [[False, False], [True, True], [False, False], [False, True]]
+    assert results == {0: expected, 1: expected}
+
+
+def test_in_one_process_the_decisions_are_acted_on_at_once_and_the_clock_asks_once_per_interval(monkeypatch):
+    from distillkit.training import interruption
+    from distillkit.training.distributed import Distributed, StepAgreement
+
+    agreement = StepAgreement(Distributed(), torch.device("cpu"), 2)
+    assert agreement.exchange([True, False]) == [True, False] and agreement.exchange([False, True]) == [False, True]
+    now = [0.0]
+    monkeypatch.setattr(interruption.time, "monotonic", lambda: now[0])
+    clock = interruption.CheckpointClock(1.0)
+    now[0] = 59.0
+    assert not clock.due()
+    now[0] = 61.0
+    assert clock.due() and not clock.due()  # once: the checkpoint it asked for may come a step later
+    clock.reset()
+    now[0] = 120.0
+    assert not clock.due()
+    now[0] = 121.5
+    assert clock.due()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,15 +43,6 @@ class Distributed:
         dist.all_reduce(tensor)
         return {k: float(v) / self.world_size for k, v in zip(keys, tensor.tolist())}
 
-    def any(self, flags: list[bool], device: torch.device) -> list[bool]:
-        """Each flag true on every rank when it is true on any (one small all-reduce): decisions
-        such as "checkpoint now" or "stop now" that every rank must take at the same step."""
-        if not self.enabled:
-            return list(flags)
-        tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in tensor.tolist()]
-
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order (on every rank)."""
         if not self.enabled:
@@ -89,3 +80,50 @@ def setup(device_name: str) -> tuple[Distributed, torch.device]:
 def teardown(distributed: Distributed) -> None:
     if distributed.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StepAgreement:
+    """Decisions every rank must take at the same step ("checkpoint now", "stop now"), true on
+    every rank when true on any, without a wait for the device in the step.
+
+    Under ``torchrun`` the flags a rank raises at step k are all-reduced (max) without blocking
+    and acted on by every rank at step k + 1: reading the result at once would make the host wait
+    for the previous step's kernels (NCCL orders the collective after them), a gap in every
+    step. On CUDA the result is copied without blocking into pinned memory, with an event, right
+    behind the collective, so that reading it a step later waits for nothing. In one process the
+    flags are acted on at once, as there is nothing to agree on."""
+
+    def __init__(self, distributed: Distributed, device: torch.device, size: int):
+        self.distributed, self.device, self.size = distributed, device, size
+        self._pending = None  # (work, tensor, host copy or None, event or None)
+        self._host = ([torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+                      if distributed.enabled and device.type == "cuda" else [])
+        self._turn = 0
+
+    def exchange(self, flags: list[bool]) -> list[bool]:
+        """This step's flags in; out, the flags to act on now: those agreed at the previous
+        exchange under ``torchrun`` (all false the first time), these ones in one process."""
+        if not self.distributed.enabled:
+            return list(flags)
+        agreed = self._collect() if self._pending is not None else [False] * self.size
+        tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32).to(self.device, non_blocking=True)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+        host = event = None
+        if self._host:
+            work.wait()  # on CUDA: the current stream waits for the collective; the host does not
+            host = self._host[self._turn]
+            self._turn = 1 - self._turn
+            host.copy_(tensor, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (work, tensor, host, event)
+        return agreed
+
+    def _collect(self) -> list[bool]:
+        work, tensor, host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+            return [bool(v) for v in host.tolist()]
+        work.wait()
+        return [bool(v) for v in tensor.tolist()]

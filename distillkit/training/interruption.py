@@ -6,7 +6,8 @@ step-based ``train.checkpoint_every``), so a crash or a kill loses at most that 
 pre-emption, ``kill``) do not tear the process down mid-step: the loop finishes the step it is
 in, checkpoints at that step boundary (so the resume stays exact) and raises ``TrainingInterrupted``.
 A second signal interrupts at once. Under DDP the trainer agrees on both decisions across ranks
-(``Distributed.any``), so every rank checkpoints and stops at the same step.
+(``distributed.StepAgreement``, one step late so that no step waits for it), so every rank
+checkpoints and stops at the same step.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class CheckpointClock:
     """Due once ``minutes`` of training have passed since the start or the last checkpoint
-    (never when ``minutes`` is 0)."""
+    (never when ``minutes`` is 0). It says so once per interval: under ``torchrun`` the checkpoint
+    it asks for is written a step later (``StepAgreement``), and asking again at that step would
+    write a second one."""
 
     def __init__(self, minutes: float):
         self.seconds = minutes * 60.0
@@ -49,9 +52,13 @@ class CheckpointClock:
 
     def reset(self) -> None:
         self.since = time.monotonic()
+        self.reported = False
 
     def due(self) -> bool:
-        return self.seconds > 0 and time.monotonic() - self.since >= self.seconds
+        if self.reported or self.seconds <= 0 or time.monotonic() - self.since < self.seconds:
+            return False
+        self.reported = True
+        return True
 
 
 class StopRequests:

@@ -32,7 +32,7 @@ from ..trained import CONVENTION
 from ..tracking import Tracker
 from .build import Components, build_dataset, build_networks, count_parameters, describe
 from .checkpointer import Checkpointer
-from .distributed import Distributed
+from .distributed import Distributed, StepAgreement
 from .program import TrainingState, build_state
 from .progress import MetricWindow, Progress, RunEta, peak_memory_mb
 from .state import EpochBatches, restore_rng
@@ -297,13 +297,16 @@ def _train_steps(run: _Run, tracker: Tracker, output_dir: Path, distributed: Dis
     checkpoint = run.checkpointer.latest
     prefetched: Optional[Batch] = None
     clock = CheckpointClock(cfg.checkpoint_minutes)
+    agreement = StepAgreement(distributed, device, 2)
     with StopRequests() as stops:
         for step in range(start_step, cfg.max_steps):
             batch = _on_device(prefetched if prefetched is not None else next(run.batches), device, run.channels_last)
             prefetched = None
             done = step + 1
-            # Every rank must checkpoint (and stop) at the same step: the decisions are agreed on.
-            by_time, stop = distributed.any([clock.due(), stops.requested], device)
+            # Every rank must checkpoint (and stop) at the same step: the decisions are agreed on
+            # (one step late under torchrun). Rank 0's clock decides: another rank's, due a step
+            # later, would ask for a second checkpoint right after the one just written.
+            by_time, stop = agreement.exchange([distributed.is_main and clock.due(), stops.requested])
             checkpoint_due = _checkpoint_due(cfg, done, by_time or stop)
 
             def prefetch() -> None:

@@ -7,6 +7,7 @@ Parsing and printing only; starting, resuming and finishing the run is
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import tomli_w
@@ -52,7 +53,8 @@ def run_command(args: argparse.Namespace, tree: dict) -> int:
         launched = launch(start, track=not args.no_track, progress=not args.quiet, export=export,
                           export_nfe=export_nfe)
     except TrainingInterrupted as exc:
-        print(f"distillkit: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one line is enough
+            print(f"distillkit: {exc}", file=sys.stderr)
         return exc.exit_code
     if launched.training is not None:
         _report(start, launched)

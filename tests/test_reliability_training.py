@@ -312,7 +312,8 @@ def _agree(rank: int, world: int, port: int, queue) -> None:
         agreement = StepAgreement(Distributed(world, rank), torch.device("cpu"), 2)
         answers = [agreement.exchange([rank == 0, rank == 1]), agreement.exchange([False, False]),
                    agreement.exchange([False, rank == 1]), agreement.exchange([False, False])]
-        queue.put((rank, answers))
+        agreement.close()
+        queue.put((rank, answers + [agreement._pending is None]))
     finally:
         dist.destroy_process_group()
 
@@ -333,7 +334,7 @@ def test_checkpoint_and_stop_decisions_are_the_same_on_every_rank():
     results = dict(queue.get(timeout=120) for _ in procs)
     for proc in procs:
         proc.join(timeout=60)
-    expected = [[False, False], [True, True], [False, False], [False, True]]
+    expected = [[False, False], [True, True], [False, False], [False, True], True]
     assert results == {0: expected, 1: expected}
 
 

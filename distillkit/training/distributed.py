@@ -119,6 +119,12 @@ class StepAgreement:
         self._pending = (work, tensor, host, event)
         return agreed
 
+    def close(self) -> None:
+        """Wait for the last exchange, whose answer no step will act on (the run is over): no
+        collective is left in flight when the process group is torn down."""
+        if self._pending is not None:
+            self._collect()
+
     def _collect(self) -> list[bool]:
         work, tensor, host, event = self._pending
         self._pending = None

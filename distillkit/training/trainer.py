@@ -338,6 +338,7 @@ def _train_steps(run: _Run, tracker: Tracker, output_dir: Path, distributed: Dis
                 bar.close()
                 raise TrainingInterrupted(stops.signal_name, done, cfg.max_steps, checkpoint, done,
                                           exit_code=128 + stops.received)
+    agreement.close()
     check_weights(state, run.checkpointer.last_good)  # the final model (resumed at max_steps: nothing pending)
     bar.close()
     return final_loss, window.images_per_second, checkpoint

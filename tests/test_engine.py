@@ -293,8 +293,9 @@ def test_time_checkpoints_under_torchrun_come_once_per_interval_and_change_no_we
 
     timed = ddp("timed", "--set", "train.checkpoint_minutes=0.004", "--set", "train.keep_last=1000")  # every 0.24 s
     steps = sorted(int(p.stem.split("-")[1]) for p in (timed / "checkpoints").glob("step-*.pt"))
-    assert len(steps) >= 3 and steps[-1] == 300, steps
-    assert min(b - a for a, b in zip(steps, steps[1:])) > 1, steps
+    assert len(steps) >= 4 and steps[-1] == 300, steps
+    by_time = steps[:-1]  # the last one is the end of the run's, which may follow a time checkpoint at once
+    assert min(b - a for a, b in zip(by_time, by_time[1:])) > 1, steps
     plain = ddp("plain")
     a, b = load_checkpoint(plain / "checkpoint.pt"), load_checkpoint(timed / "checkpoint.pt")
     for key, value in a["student"].items():

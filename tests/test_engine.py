@@ -327,3 +327,41 @@ def test_step_agreement_on_cuda_reads_the_collective_a_step_later_through_pinned
         assert answers == [[False, False], [True, False], [False, False], [False, True]]
     finally:
         dist.destroy_process_group()
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_the_resume_is_exact(tmp_path):
+    """The stop is agreed one step late (StepAgreement): both ranks checkpoint the same step, and
+    resuming it under torchrun ends with the weights of the uninterrupted DDP run."""
+    import signal
+    import time
+
+    common = ["run", "--method", "fm", "--dataset", "toy2d", "--set", "dataset_options.train_size=448",
+              "--batch-size", "64", "--max-steps", "800", "--no-track", "--quiet", "--nfe", "1",
+              "--set", "sample.num_samples=16", "--set", "sample.reference_steps=1", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "distillkit.cli.main"]
+    whole = subprocess.run([*torchrun, *common, "--runs-dir", str(tmp_path / "whole")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    runs = tmp_path / "cut"
+    proc = subprocess.Popen([*torchrun, *common, "--runs-dir", str(runs), "--checkpoint-every", "100"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(runs.glob("runs/*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it was signalled"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("distillkit: interrupted by SIGTERM")]
+    assert len(lines) == 1, err[-3000:]  # rank 0 speaks for both
+    (run_dir,) = runs.glob("runs/*")
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    assert 100 <= saved["step"] < 800 and f"(step {saved['step']})" in lines[0] and len(saved["rng"]) == 2
+    resumed = subprocess.run([*torchrun, "run", "--resume", str(run_dir / "checkpoint.pt"), "--no-track", "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(next((tmp_path / "whole").glob("runs/*/checkpoint.pt")))
+    b = load_checkpoint(run_dir / "checkpoint.pt")
+    assert b["step"] == 800
+    for key, value in a["student"].items():
+        assert torch.equal(b["student"][key], value), key

@@ -357,8 +357,12 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_the_resume_is_e
     (run_dir,) = runs.glob("runs/*")
     saved = load_checkpoint(run_dir / "checkpoint.pt")
     assert 100 <= saved["step"] < 800 and f"(step {saved['step']})" in lines[0] and len(saved["rng"]) == 2
-    resumed = subprocess.run([*torchrun, "run", "--resume", str(run_dir / "checkpoint.pt"), "--no-track", "--quiet"],
-                             env=env, capture_output=True, text=True, timeout=300)
+    import shlex
+
+    command = shlex.split(lines[0].split("resume with: ")[1])  # the printed command, run as printed
+    assert command[:5] == ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "distillkit.cli.main"], command
+    resumed = subprocess.run([str(BIN / "torchrun"), *command[1:], "--quiet"], env=env, capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_checkpoint(next((tmp_path / "whole").glob("runs/*/checkpoint.pt")))
     b = load_checkpoint(run_dir / "checkpoint.pt")

@@ -513,3 +513,14 @@ def test_a_real_full_tmpfs_is_the_same_one_line_failure(tmp_path, capsys):
         assert not list(run_dir.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=False)  # detached even if a file there is still open
+
+
+def test_the_resume_command_of_a_torchrun_run_is_a_torchrun_launch(tmp_path):
+    from distillkit.training.interruption import resume_command
+
+    ckpt = tmp_path / "a b" / "checkpoint.pt"
+    assert resume_command(ckpt, True, {}) == f"distillkit run --resume '{ckpt}'"
+    assert resume_command(ckpt, False, {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}) == (
+        f"torchrun --standalone --nproc-per-node=4 -m distillkit.cli.main run --resume '{ckpt}' --no-track")
+    several = resume_command(ckpt, True, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"})
+    assert several.startswith("torchrun with the run's own launch options (2 machines x 8 processes) -m distillkit.cli.main")

@@ -12,6 +12,7 @@ checkpoints and stops at the same step.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import signal
@@ -95,11 +96,21 @@ class StopRequests:
         self._previous.clear()
 
 
-def resume_command(checkpoint: Path, tracked: bool) -> str:
+def resume_command(checkpoint: Path, tracked: bool, environ: Optional[dict] = None) -> str:
     """The command that continues the run saved in ``checkpoint``, quoted for a POSIX shell (the
-    checkpoint holds the run's whole config, its runs directory and tracking URI included)."""
-    words = ["distillkit", "run", "--resume", str(checkpoint)] + ([] if tracked else ["--no-track"])
-    return shlex.join(words)
+    checkpoint holds the run's whole config, its runs directory and tracking URI included). A
+    run under ``torchrun`` (its ``WORLD_SIZE`` > 1) is resumed under torchrun on as many processes:
+    one machine's launch is spelled out; several machines' need the user's own rendezvous options."""
+    environ = os.environ if environ is None else environ
+    words = ["run", "--resume", str(checkpoint)] + ([] if tracked else ["--no-track"])
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return shlex.join(["distillkit", *words])
+    local = int(environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    if local == world:
+        return shlex.join(["torchrun", "--standalone", f"--nproc-per-node={world}", "-m", "distillkit.cli.main", *words])
+    return ("torchrun with the run's own launch options (" + f"{world // local} machines x {local} processes) "
+            + shlex.join(["-m", "distillkit.cli.main", *words]))
 
 
 def interrupted_message(cause: str, step: Optional[int], max_steps: int, checkpoint: Optional[Path], saved_step: Optional[int],

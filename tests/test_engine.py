@@ -318,11 +318,11 @@ def test_step_agreement_on_cuda_reads_the_collective_a_step_later_through_pinned
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         agreement = StepAgreement(Distributed(world_size=2, rank=0), torch.device("cuda"), 2)
-        assert agreement._host and agreement._host[0].is_pinned()
         x = torch.randn(2048, 2048, device="cuda")
         answers = []
         for flags in ([True, False], [False, False], [False, True], [False, False]):
             answers.append(agreement.exchange(flags))
+            assert agreement._pending[1].host.is_pinned()  # read through pinned memory, not a blocking copy
             x = x @ x / 2048  # device work queued behind each exchange
         assert answers == [[False, False], [True, False], [False, False], [False, True]]
     finally:

@@ -9,11 +9,13 @@ and writes files.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 import torch
 import torch.distributed as dist
+
+from .host_copy import HostCopy
 
 
 @attrs.frozen
@@ -95,10 +97,7 @@ class StepAgreement:
 
     def __init__(self, distributed: Distributed, device: torch.device, size: int):
         self.distributed, self.device, self.size = distributed, device, size
-        self._pending = None  # (work, tensor, host copy or None, event or None)
-        self._host = ([torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
-                      if distributed.enabled and device.type == "cuda" else [])
-        self._turn = 0
+        self._pending: Optional[tuple[Any, HostCopy]] = None  # (collective still to wait for, its result)
 
     def exchange(self, flags: list[bool]) -> list[bool]:
         """This step's flags in; out, the flags to act on now: those agreed at the previous
@@ -108,15 +107,10 @@ class StepAgreement:
         agreed = self._collect() if self._pending is not None else [False] * self.size
         tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32).to(self.device, non_blocking=True)
         work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
-        host = event = None
-        if self._host:
+        if self.device.type == "cuda":
             work.wait()  # on CUDA: the current stream waits for the collective; the host does not
-            host = self._host[self._turn]
-            self._turn = 1 - self._turn
-            host.copy_(tensor, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        self._pending = (work, tensor, host, event)
+            work = None  # so the copy queued next is the reduced result
+        self._pending = (work, HostCopy(tensor))
         return agreed
 
     def close(self) -> None:
@@ -126,10 +120,8 @@ class StepAgreement:
             self._collect()
 
     def _collect(self) -> list[bool]:
-        work, tensor, host, event = self._pending
+        work, result = self._pending
         self._pending = None
-        if event is not None:
-            event.synchronize()
-            return [bool(v) for v in host.tolist()]
-        work.wait()
-        return [bool(v) for v in tensor.tolist()]
+        if work is not None:  # gloo: the all-reduce writes the CPU tensor itself
+            work.wait()
+        return [bool(v) for v in result.tolist()]

@@ -41,6 +41,7 @@ from ..config import TrainConfig
 from ..contracts import Batch, Update
 from ..errors import TrainingFailed
 from .distributed import Distributed
+from .host_copy import HostCopy
 from .program import TrainingState
 
 
@@ -126,13 +127,7 @@ class PendingStep:
     outcomes: list
     #: (step, largest |weight|) of an earlier step, read with these values
     weights: Optional[tuple[int, torch.Tensor]]
-    host: torch.Tensor
-    copied: Optional[torch.cuda.Event]
-
-    def read(self) -> list[float]:
-        if self.copied is not None:
-            self.copied.synchronize()  # the copy only: the device goes on with the work queued since
-        return self.host.tolist()
+    values: HostCopy
 
 
 @attrs.frozen
@@ -398,14 +393,7 @@ def _send_to_host(state: TrainingState, done: int, outcomes: list[UpdateOutcome]
     values = [v for o in outcomes for v in (*o.tensors(), o.found_inf)]
     if weights is not None:
         values.append(weights[1].detach().float().to(values[0].device))
-    flat = torch.stack(values)
-    if flat.device.type != "cuda":
-        return PendingStep(done, outcomes, weights, flat, None)
-    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-    host.copy_(flat, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return PendingStep(done, outcomes, weights, host, copied)
+    return PendingStep(done, outcomes, weights, HostCopy(torch.stack(values)))
 
 
 def _settle(setup: StepSetup, state: TrainingState, checkpoint: Callable[[], str]) -> list[StepResult]:
@@ -415,7 +403,7 @@ def _settle(setup: StepSetup, state: TrainingState, checkpoint: Callable[[], str
     pending, state.pending_step = state.pending_step, None
     if pending is None:
         return []
-    flat = pending.read()
+    flat = pending.values.tolist()
     if pending.weights is not None and not math.isfinite(flat[-1]):
         raise weights_failure(pending.weights[0], flat[-1], checkpoint())
     for outcome in pending.outcomes:  # the flag, not the values, says what the device did

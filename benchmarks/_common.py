@@ -144,16 +144,13 @@ def one_line_errors(parser, script: str) -> None:
 def exit_code(script: str, run: Callable[[], int]) -> int:
     """``run()``, with distillkit's errors as one line: bad input (UsageError, ConfigError
     among them) exits 2 with nothing written, a failed run (e.g. a non-finite loss) exits 1."""
-    from distillkit.errors import DistillkitError, UsageError
+    from distillkit.errors import DistillkitError, exit_status
 
     try:
         return run()
-    except UsageError as exc:
-        print(f"{script}: error: {exc}", file=sys.stderr)
-        return 2
     except DistillkitError as exc:
         print(f"{script}: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_status(exc)
 
 
 def fail(message: str) -> None:

@@ -56,6 +56,12 @@ class TrainingFailed(DistillkitError):
     """Training cannot go on (a non-finite loss or gradient); the message names the step."""
 
 
+def exit_status(exc: DistillkitError) -> int:
+    """The exit code of a command that ends with ``exc``: 2 for bad input (``UsageError``, which
+    ``ConfigError`` is), 1 for a run that failed."""
+    return 2 if isinstance(exc, UsageError) else 1
+
+
 class TrackingFailed(DistillkitError):
     """The tracking store cannot record the run (its disk is full); exit code 1."""
 

@@ -2,6 +2,7 @@
 SIGINT/SIGTERM), non-finite weights stop a run, checkpoints that cannot be resumed, a full disk,
 runs orphaned before their first checkpoint. docs/reliability.md lists what each test proves."""
 
+import contextlib
 import errno
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -284,11 +286,7 @@ def test_a_full_mlflow_store_during_training_is_one_line_and_the_checkpoint_is_k
 
 def test_a_store_too_full_to_be_created_is_one_line_before_any_training(tmp_path, capsys):
     """A real tmpfs too small for MLflow's new SQLite store (root only; skipped elsewhere)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with _small_tmpfs(tmp_path / "small", "150k") as mount:
         code = main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "5", "--batch-size", "16",
                      "--runs-dir", str(mount / "runs"), *SMALL])
         errors = _errors(capsys)
@@ -296,8 +294,6 @@ def test_a_store_too_full_to_be_created_is_one_line_before_any_training(tmp_path
         assert errors[0] == (f"distillkit: error: cannot start an MLflow run: no space left on the device for the store "
                              f"{mount / 'runs' / 'mlflow.db'}; nothing was trained; free some space and run again")
         assert not (mount / "runs" / "runs").exists() or not list((mount / "runs" / "runs").rglob("*.pt"))
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount)], check=False)  # detached even if a file there is still open
 
 
 def _agree(rank: int, world: int, port: int, queue) -> None:
@@ -498,11 +494,7 @@ def test_resume_auto_leaves_a_live_run_of_the_same_config_alone(tmp_path):
 def test_a_real_full_tmpfs_is_the_same_one_line_failure(tmp_path, capsys):
     """A small tmpfs (root only; skipped elsewhere): the first checkpoint fits, the second does not.
     torch's zip writer reports the full disk as a RuntimeError; save_atomic restores the OSError."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4500k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with _small_tmpfs(tmp_path / "small", "4500k") as mount:
         code = main(["run", "--method", "fm", "--dataset", "toy2d", "--max-steps", "40", "--batch-size", "16",
                      "--checkpoint-every", "10", "--runs-dir", str(mount / "runs"), *SMALL])
         errors = _errors(capsys)
@@ -511,6 +503,16 @@ def test_a_real_full_tmpfs_is_the_same_one_line_failure(tmp_path, capsys):
         assert "is kept" in errors[0]
         assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 10
         assert not list(run_dir.rglob("*.tmp"))
+
+
+@contextlib.contextmanager
+def _small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``mount`` (root only: the test is skipped elsewhere)."""
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=False)  # detached even if a file there is still open
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import attrs
 
-from ..errors import ConfigError, DistillkitError, UsageError, did_you_mean
+from ..errors import ConfigError, DistillkitError, UsageError, did_you_mean, exit_status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -192,12 +192,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"distillkit: error: {_with_flag(exc)}", file=sys.stderr)
         return 2
-    except UsageError as exc:
+    except DistillkitError as exc:  # bad input (exit code 2) or a run that failed (1)
         print(f"distillkit: error: {exc}", file=sys.stderr)
-        return 2
-    except DistillkitError as exc:  # the run itself failed (not the input): exit code 1
-        print(f"distillkit: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_status(exc)
     except KeyboardInterrupt:
         print("distillkit: interrupted", file=sys.stderr)
         return 130

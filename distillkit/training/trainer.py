@@ -325,7 +325,7 @@ def _train_steps(run: _Run, tracker: Tracker, output_dir: Path, distributed: Dis
                 tracker.log_metrics(_window_metrics(window, state, distributed, device, done, cfg.batch_size), step=done)
             bar.update(done, final_loss, window.images_per_second)
             eta.update(done)
-            if cfg.sample_every and done % cfg.sample_every == 0 and distributed.is_main:
+            if _grid_due(cfg, done) and distributed.is_main:
                 _sample_grid(run.resolved, method, state.sampling_weights(), run.parts.spec, grid_inputs.noise,
                              grid_inputs.labels, output_dir, tracker, done)
             if checkpoint_due:
@@ -356,7 +356,12 @@ def _logged(cfg, done: int) -> bool:
 def _reads_now(cfg, done: int) -> bool:
     """A step whose values are needed at once: logged, or followed by a sample grid of its weights
     (with the device-side check they are otherwise read during the next step)."""
-    return _logged(cfg, done) or bool(cfg.sample_every and done % cfg.sample_every == 0)
+    return _logged(cfg, done) or _grid_due(cfg, done)
+
+
+def _grid_due(cfg, done: int) -> bool:
+    """A step followed by a sample grid of its weights (``train.sample_every``)."""
+    return bool(cfg.sample_every and done % cfg.sample_every == 0)
 
 
 def _on_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:

@@ -35,13 +35,17 @@ from .errors import ConfigError, DistillkitError, TimeGridError, UnknownNameErro
 from .hookspecs import hookimpl
 from .files import generate_once, identity_mismatch, load_payload, read_cached, save_atomic, write_atomic
 from .numerics import (
+    FD_STEP,
+    JVP_MODES,
     TargetNetwork,
     broadcast_time,
     combine_slopes,
     ema_update_,
+    forward_mode_safe,
     generator_x0,
     rk_slopes,
     rk_step_per_sample,
+    same_dropout,
     straight_path,
     uniform_time,
     unwrap_module,
@@ -121,4 +125,8 @@ __all__ = [
     "generator_x0",
     "unwrap_module",
     "write_atomic",
+    "JVP_MODES",
+    "FD_STEP",
+    "same_dropout",
+    "forward_mode_safe",
 ]

@@ -10,6 +10,9 @@ shape [batch] (one time per sample) and are broadcast over the sample's other di
 ``rk_slopes`` / ``rk_step_per_sample`` one explicit Runge-Kutta step with a time and a step size
                                        per sample (the core's ``rk_step`` takes one float t and h)
 ``TargetNetwork``, ``ema_update_``     a frozen copy of a network that follows it by an EMA
+``same_dropout``, ``forward_mode_safe`` the contexts of a derivative along a tangent (MeanFlow,
+                                       sCT / sCD): the same dropout in two passes, a JVP-safe pass
+``JVP_MODES``, ``FD_STEP``             how such a derivative is taken, and a finite difference's step
 
 Each function keeps the exact floating-point operations (and their order) the built-in methods
 used before they shared it, so a method's results do not change by a bit when it switches.
@@ -17,6 +20,7 @@ used before they shared it, so a method's results do not change by a bit when it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Callable, Optional, Sequence
 
@@ -228,3 +232,32 @@ def unwrap_module(network: nn.Module) -> nn.Module:
             network = network._orig_mod
         else:
             return network
+
+
+#: How a method takes a network's derivative along a tangent: forward-mode AD
+#: (``torch.func.jvp``) or a central finite difference (two passes without gradient, for device
+#: paths without forward-mode AD through the network's attention).
+JVP_MODES = ("autograd", "finite-difference")
+#: The default step of such a finite difference, relative to the time it is taken at
+#: (``validators.relative_step`` bounds it).
+FD_STEP = 1e-3
+
+
+def same_dropout(device: torch.device) -> contextlib.AbstractContextManager:
+    """Fork the RNG: the pass inside the block draws the randomness (dropout masks) that the pass
+    after it draws too, so that a derivative or a target is taken of the very network output
+    that is trained."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def forward_mode_safe(device: torch.device) -> contextlib.ExitStack:
+    """For a JVP: attention on the math kernel (the flash and memory-efficient SDPA kernels, CPU's
+    flash included, have no forward-mode AD) and autocast off (the tangent in the network's own
+    precision, fp32, as MeanFlow's PyTorch code takes it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    stack.enter_context(torch.autocast(device.type, enabled=False))
+    return stack

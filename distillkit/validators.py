@@ -65,6 +65,13 @@ def boolean(instance, attribute, value) -> None:
     require(isinstance(value, bool), attribute, value, "true or false")
 
 
+def relative_step(instance, attribute, value) -> None:
+    """A finite difference's step relative to its time t, in (0, 0.1]: beyond 0.1 the central
+    difference's own error (~ step^2) is no longer small, and up to it t - step t stays above
+    t / 2, so the rounded step (t+ - t-) / 2 is exact (Sterbenz)."""
+    require(is_number(value) and 0 < value <= 0.1, attribute, value, "a number in (0, 0.1]")
+
+
 def one_of(*choices: str) -> Validator:
     def check(instance, attribute, value) -> None:
         require(value in choices, attribute, value, "one of " + ", ".join(choices))

@@ -28,7 +28,8 @@ from torch import nn
 
 import distillkit
 from distillkit import validators
-from distillkit import Batch, LossOutput, Method, SamplingModel, TargetNetwork, rk_step_per_sample, straight_path
+from distillkit import (Batch, LossOutput, Method, SamplingModel, TargetNetwork, rk_step_per_sample, same_dropout,
+                        straight_path)
 
 from .parameterization import (
     GRIDS,
@@ -191,12 +192,6 @@ def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float = 0.0) 
     raise ValueError(f"unknown distance {kind!r}")
 
 
-def _same_dropout(device: torch.device):
-    """Fork the RNG so that the next forward pass sees the randomness the one after it sees too."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
-
-
 # ------------------------------------------------------------------------------------------------
 # the methods
 
@@ -274,7 +269,7 @@ class _ConsistencyMethod(Method):
     # the loss -------------------------------------------------------------------------------------
     def _consistency_loss(self, student, x_a, t_a, x_b, t_b, cond, metrics):
         target_model = self._target_model(student)
-        with torch.no_grad(), _same_dropout(x_a.device):
+        with torch.no_grad(), same_dropout(x_a.device):
             target = target_model(x_b, t_b, cond)
         online = student(x_a, t_a, cond)
         per_sample = distance(online, target, self.config.distance, self.config.huber_c)

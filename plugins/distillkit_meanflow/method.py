@@ -27,7 +27,6 @@ difference along the same tangent (``jvp = "finite-difference"``, see ``finite_d
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import attrs
@@ -35,30 +34,20 @@ import torch
 from torch import nn
 
 import distillkit
-from distillkit import LossOutput, Method, SamplingModel, broadcast_time, straight_path, unwrap_module, validators
+from distillkit import (FD_STEP, JVP_MODES, LossOutput, Method, SamplingModel, broadcast_time, forward_mode_safe,
+                        same_dropout, straight_path, unwrap_module, validators)
 
 #: The name of the backbone's extra conditioning input: the interval h = t - r.
 INTERVAL = "h"
-
-#: How du/dt is taken: forward-mode AD (``torch.func.jvp``) or a central finite difference.
-JVP_MODES = ("autograd", "finite-difference")
-#: The default relative step of the finite difference (see ``finite_difference_derivative``).
-FD_STEP = 1e-3
 
 
 def _real(instance, attribute, value) -> None:
     validators.require(validators.is_number(value), attribute, value, "a number")
 
 
-
 def _fraction(instance, attribute, value) -> None:
     validators.require(validators.is_number(value) and 0 <= value <= 1, attribute, value, "a number in [0, 1]")
 
-
-def _relative_step(instance, attribute, value) -> None:
-    # Up to 0.1: beyond it the central difference's own error (~ step^2) is no longer small, and
-    # t - step t stays above t / 2, so the rounded step (t+ - t-) / 2 is exact (Sterbenz).
-    validators.require(validators.is_number(value) and 0 < value <= 0.1, attribute, value, "a number in (0, 0.1]")
 
 @attrs.frozen
 class MeanFlowConfig:
@@ -79,7 +68,7 @@ class MeanFlowConfig:
     #: passes without gradient; for device paths without forward-mode AD through attention)
     jvp: str = attrs.field(default="autograd", validator=validators.one_of(*JVP_MODES))
     #: the finite difference's step, relative to t: t +- fd_step t (only with jvp = "finite-difference")
-    fd_step: float = attrs.field(default=FD_STEP, validator=_relative_step)
+    fd_step: float = attrs.field(default=FD_STEP, validator=validators.relative_step)
 
 
 def sample_times(n: int, config: MeanFlowConfig, generator: torch.Generator, *, device=None,
@@ -92,25 +81,6 @@ def sample_times(n: int, config: MeanFlowConfig, generator: torch.Generator, *, 
     t, r = times.max(dim=0).values, times.min(dim=0).values
     equal = torch.arange(n, device=device) < n - round(n * config.interval_fraction)
     return t, torch.where(equal, t, r)
-
-
-def _same_dropout(device: torch.device):
-    """Fork the RNG: the evaluation inside the block draws the dropout masks the one after it
-    draws too, so that du/dt is the derivative of the very u that is trained."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
-
-
-def _forward_mode_safe(device: torch.device):
-    """Attention kernels without forward-mode AD (flash / memory-efficient SDPA) are switched to the
-    math kernel, and autocast is off: the JVP is taken in the network's own precision (fp32), as
-    the paper's PyTorch code does."""
-    stack = contextlib.ExitStack()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    stack.enter_context(torch.autocast(device.type, enabled=False))
-    return stack
 
 
 def _network_precision(device: torch.device):
@@ -137,7 +107,7 @@ def finite_difference_derivative(network: nn.Module, z: torch.Tensor, r: torch.T
     z_step = broadcast_time(half, z) * v
 
     def u_at(z_, t_):
-        with _same_dropout(z.device):
+        with same_dropout(z.device):
             return network(z_, t_, cond, extra={INTERVAL: t_ - r})
 
     with torch.no_grad(), _network_precision(z.device):
@@ -154,13 +124,13 @@ def average_velocity_and_derivative(network: nn.Module, z: torch.Tensor, r: torc
     and a third, plain forward pass for u (the loss does not need this one: it has its own)."""
     if jvp == "finite-difference":
         dudt = finite_difference_derivative(network, z, r, t, v, cond, fd_step)
-        with torch.no_grad(), _network_precision(z.device), _same_dropout(z.device):
+        with torch.no_grad(), _network_precision(z.device), same_dropout(z.device):
             return network(z, t, cond, extra={INTERVAL: t - r}), dudt
 
     def u_of(z_, r_, t_):
         return network(z_, t_, cond, extra={INTERVAL: t_ - r_})
 
-    with torch.no_grad(), _forward_mode_safe(z.device):
+    with torch.no_grad(), forward_mode_safe(z.device):
         return torch.func.jvp(u_of, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
 
 
@@ -198,7 +168,7 @@ class MeanFlow(Method):
         """du/dt along (v, 0, 1) as configured; the loss's own forward pass gives u."""
         if self.config.jvp == "finite-difference":
             return finite_difference_derivative(network, z, r, t, v, cond, self.config.fd_step)
-        with _same_dropout(z.device):
+        with same_dropout(z.device):
             return average_velocity_and_derivative(network, z, r, t, v, cond)[1]
 
     # sampling -----------------------------------------------------------------------------------

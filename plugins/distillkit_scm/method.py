@@ -27,7 +27,6 @@ network's attention), and F^- is the gradient pass's own output, detached.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Optional
 
@@ -36,17 +35,13 @@ import torch
 from torch import nn
 
 import distillkit
-from distillkit import (Batch, LossOutput, Method, SamplingModel, broadcast_time, copy_teacher_weights, unwrap_module,
-                        validators)
+from distillkit import (FD_STEP, JVP_MODES, Batch, LossOutput, Method, SamplingModel, broadcast_time,
+                        copy_teacher_weights, forward_mode_safe, same_dropout, unwrap_module, validators)
 
 from .trigflow import linear_from_trigflow, time_from_angle, trigflow_velocity
 
 NORMALIZATIONS = ("rms", "l2", "clip", "none")
 PRIOR_WEIGHTINGS = ("inverse-sigma", "none")
-#: How dF^-/ds is taken: forward-mode AD (``torch.func.jvp``) or a central finite difference.
-JVP_MODES = ("autograd", "finite-difference")
-#: The default relative step of the finite difference in s (see ``_ContinuousConsistency.derivative``).
-FD_STEP = 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,12 +50,6 @@ FD_STEP = 1e-3
 
 def _real(instance, attribute, value):
     validators.require(validators.is_number(value) and math.isfinite(value), attribute, value, "a finite number")
-
-
-def _relative_step(instance, attribute, value):
-    # Up to 0.1: beyond it the central difference's own error (~ step^2) is no longer small, and
-    # s - step s stays above s / 2, so the rounded step (s+ - s-) / 2 is exact (Sterbenz).
-    validators.require(validators.is_number(value) and 0 < value <= 0.1, attribute, value, "a number in (0, 0.1]")
 
 
 @attrs.frozen
@@ -89,7 +78,7 @@ class SCMConfig:
     #: passes without gradient; for device paths without forward-mode AD through attention)
     jvp: str = attrs.field(default="autograd", validator=validators.one_of(*JVP_MODES))
     #: the finite difference's step, relative to s: s +- fd_step s (only with jvp = "finite-difference")
-    fd_step: float = attrs.field(default=FD_STEP, validator=_relative_step)
+    fd_step: float = attrs.field(default=FD_STEP, validator=validators.relative_step)
 
     def __attrs_post_init__(self):
         if self.sigma_max <= self.sigma_min:
@@ -142,22 +131,6 @@ class SCMStudent(nn.Module):
         return v, self.logvar(log_sigma)
 
 
-def _same_dropout(device: torch.device):
-    """Fork the RNG so that the next pass sees the randomness the pass after it sees too."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
-
-
-def _forward_mode_safe(device: torch.device):
-    """For the JVP: attention on the math kernel (the flash and memory-efficient SDPA kernels,
-    CPU's flash included, have no forward-mode AD) and autocast off (the tangent in the network's
-    own precision, fp32)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    stack.enter_context(torch.autocast(device.type, enabled=False))
-    return stack
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,7 +202,7 @@ class _ContinuousConsistency(Method):
         F = self.trigflow_network(unwrap_module(network), cond)
         scale = s.cos() * s.sin()
         if self.config.jvp == "autograd":
-            with torch.no_grad(), _forward_mode_safe(x_s.device):
+            with torch.no_grad(), forward_mode_safe(x_s.device):
                 return torch.func.jvp(F, (x_s, s), (broadcast_time(scale, x_s) * dxds, scale))
         step = self.config.fd_step
         s_plus, s_minus = s * (1 + step), s * (1 - step)
@@ -237,7 +210,7 @@ class _ContinuousConsistency(Method):
         x_step = broadcast_time(half, x_s) * dxds
 
         def F_at(x_, s_):
-            with _same_dropout(x_s.device):
+            with same_dropout(x_s.device):
                 return F(x_, s_)
 
         # autocast off: a difference divided by a small step needs the network's own precision
@@ -256,7 +229,7 @@ class _ContinuousConsistency(Method):
         finite differences F^- is a third, plain pass (the loss uses its gradient pass's instead)."""
         F_minus, J = self.derivative(network, x_s, s, dxds, cond)
         if F_minus is None:
-            with torch.no_grad(), torch.autocast(x_s.device.type, enabled=False), _same_dropout(x_s.device):
+            with torch.no_grad(), torch.autocast(x_s.device.type, enabled=False), same_dropout(x_s.device):
                 F_minus = self.trigflow_network(unwrap_module(network), cond)(x_s, s)
         return F_minus, self.tangent_from(F_minus, J, x_s, s, dxds, r)
 
@@ -285,7 +258,7 @@ class _ContinuousConsistency(Method):
         x_s = broadcast_time(s.cos(), x) * x + broadcast_time(s.sin(), x) * z
         dxds = self.ode_tangent(x, z, x_s, s, cond)
         r = self.tangent_warmup(step)
-        with _same_dropout(x.device):
+        with same_dropout(x.device):
             F_minus, J = self.derivative(student, x_s, s, dxds, cond)
 
         # the gradient pass, through the (possibly wrapped) student, with the JVP's dropout masks

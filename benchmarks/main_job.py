@@ -3,7 +3,7 @@
 prints into start-up, training, evaluation and exit, with its ETA line and its end table.
 
     .venv/bin/python benchmarks/main_job.py --repeats 2 --out docs/results/main-job-cpu.md
-    .venv/bin/python benchmarks/main_job.py --steps 1000,2000 -- --set train.batch_size=128
+    .venv/bin/python benchmarks/main_job.py --steps 1000,2000 -- --batch-size 128
 
 Arguments after ``--`` go to every run. Each run writes into a temporary runs directory (its own
 MLflow store and cache, as a first run would have) that is deleted afterwards. The end table must keep showing
@@ -30,6 +30,8 @@ PHASE_ENDS = (("start-up", re.compile(r"^distillkit: \S+ on \S+ with ")),
 ETA_LINE = re.compile(r"^distillkit: ETA (\S+) for the rest of the run")
 TABLE_ROW = re.compile(r"^\s+(\d+)\s+\d+\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+\S+$")
 RATE = re.compile(r"final training loss [\d.]+, ([\d,]+) images/s")
+# The run's first line says what it trains: "..., 1000 steps of 64 ..." (steps of the batch size).
+SHAPE = re.compile(r"\), (\d+) steps of (\d+)")
 
 
 def seconds_of(duration: str) -> float:
@@ -78,7 +80,9 @@ def summarise(lines: list[tuple[float, str]], wall: float, steps: int, load: flo
     table = {int(m.group(1)): {"fd_pixels": float(m.group(2)), "ode_error": float(m.group(3))}
              for _, text in lines if (m := TABLE_ROW.match(text))}
     rate = next((int(m.group(1).replace(",", "")) for _, text in lines if (m := RATE.search(text))), None)
-    return {"steps": steps, "wall_s": wall, "phases_s": phases, "load_before": load,
+    trained = next(((int(m.group(1)), int(m.group(2))) for _, text in lines if (m := SHAPE.search(text))), (None, None))
+    return {"steps": steps, "steps_trained": trained[0], "batch_size": trained[1], "wall_s": wall,
+            "phases_s": phases, "load_before": load,
             "eta_s": eta, "eta_printed_at_s": eta_at, "actual_rest_s": None if eta_at is None else wall - eta_at,
             "images_per_second": rate, "quality": table}
 
@@ -92,7 +96,7 @@ def markdown(rows: list[dict], info: dict, command: str, extra: list[str]) -> st
              "evaluation at the end table; exit is the rest (the checkpoint figure, MLflow, interpreter shut-down). "
              "ETA: the line printed after the first steps, against the time the run then really took. "
              "Load: the 1-minute load average before the run.", "",
-             "| run | steps | wall s | start-up s | training s | evaluation s | exit s | ETA s / actual s | "
+             "| run | steps × batch | wall s | start-up s | training s | evaluation s | exit s | ETA s / actual s | "
              "images/s | load | fd_pixels NFE 1 / 2 / 4 / 8 | NFE 1 / NFE 4 |",
              "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
     for i, row in enumerate(rows, start=1):
@@ -100,7 +104,8 @@ def markdown(rows: list[dict], info: dict, command: str, extra: list[str]) -> st
         fd = " / ".join(f"{q[n]['fd_pixels']:.4f}" for n in sorted(q))
         gain = f"{q[1]['fd_pixels'] / q[4]['fd_pixels']:.1f}×" if 1 in q and 4 in q else "—"
         eta = "—" if row["eta_s"] is None else f"{row['eta_s']:.0f} / {row['actual_rest_s']:.0f}"
-        lines.append(f"| {i} | {row['steps'] or 'default'} | {row['wall_s']:.1f} | {p['start-up']:.1f} | "
+        shape = f"{row['steps_trained']} × {row['batch_size']}" if row.get("batch_size") else str(row["steps"] or "default")
+        lines.append(f"| {i} | {shape} | {row['wall_s']:.1f} | {p['start-up']:.1f} | "
                      f"{p['training']:.1f} | {p['evaluation']:.1f} | {p['exit']:.1f} | {eta} | "
                      f"{row['images_per_second'] or '—'} | {row['load_before']:.2f} | {fd} | {gain} |")
     return "\n".join(lines) + "\n"

@@ -113,7 +113,7 @@ def _needs_compile(instance, attribute, value) -> None:
 @attrs.frozen
 class TrainConfig:
     max_steps: int = option(1000, positive_int, cli="--max-steps", help="optimizer steps to train")
-    batch_size: int = option(128, positive_int, cli="--batch-size", help="samples per optimizer step")
+    batch_size: int = option(64, positive_int, cli="--batch-size", help="samples per optimizer step")
     optimizer: str = option("adam", one_of(*OPTIMIZERS), help="optimizer: adam, adamw or radam")
     lr: float = option(2e-3, positive_number, cli="--lr", help="learning rate")
     betas: tuple = option((0.9, 0.999), _betas, converter=float_tuple, help="the optimizer's moment decays (beta1, beta2)")

@@ -31,7 +31,7 @@ def test_a_short_main_job_is_split_into_phases_that_add_up_to_its_wall_time(tmp_
     assert sum(phases.values()) == pytest.approx(row["wall_s"], rel=1e-9)
     assert row["steps"] == 14 and sorted(row["quality"], key=int) == ["1", "2", "4", "8"]
     assert row["eta_s"] is not None and 0 < row["actual_rest_s"] < row["wall_s"]
-    assert "| 1 | 14 |" in out.read_text()
+    assert (row["steps_trained"], row["batch_size"]) == (14, 64) and "| 1 | 14 × 64 |" in out.read_text()
     assert not list(tmp_path.glob("distillkit-runs"))  # the runs lived in a temporary directory
 
 

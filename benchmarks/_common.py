@@ -8,6 +8,7 @@ machines are shared and their absolute speed drifts by tens of percent.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -83,6 +84,22 @@ def header(title: str, info: dict, command: str, notes: str = "") -> str:
     if notes:
         lines += ["", notes]
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def busy_neighbour(busy: bool = True) -> Iterator[Optional[subprocess.Popen]]:
+    """One other busy process beside what runs inside (a pure-Python loop that keeps one core busy,
+    as a second job on a shared machine would), killed after; nothing when ``busy`` is false."""
+    if not busy:
+        yield None
+        return
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it start spinning before the measurement does
+        yield neighbour
+    finally:
+        neighbour.kill()
+        neighbour.wait()
 
 
 def synchronize(device: torch.device) -> None:

@@ -4,10 +4,14 @@ prints into start-up, training, evaluation and exit, with its ETA line and its e
 
     .venv/bin/python benchmarks/main_job.py --repeats 2 --out docs/results/main-job-cpu.md
     .venv/bin/python benchmarks/main_job.py --steps 1000,2000 -- --batch-size 128
+    .venv/bin/python benchmarks/main_job.py --threads default,1 --neighbour idle,busy --out FILE.md
 
-Arguments after ``--`` go to every run. Each run writes into a temporary runs directory (its own
-MLflow store and cache, as a first run would have) that is deleted afterwards. The end table must keep showing
-what CUD does: NFE 4 and 8 clearly better than NFE 1 (the "NFE 1 / NFE 4" column).
+Arguments after ``--`` go to every run. ``--threads`` sets OMP_NUM_THREADS for the runs
+(``default``: as this process's environment has it; unset, torch takes one thread per core);
+``--neighbour busy`` runs them beside one busy process (a pure-Python loop, one core), as on a
+shared machine. Each run writes into a temporary runs directory (its own MLflow store and cache, as
+a first run would have) that is deleted afterwards. The end table must keep showing what CUD does:
+NFE 4 and 8 clearly better than NFE 1 (the "NFE 1 / NFE 4" column).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ TABLE_ROW = re.compile(r"^\s+(\d+)\s+\d+\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+\S+$")
 RATE = re.compile(r"final training loss [\d.]+, ([\d,]+) images/s")
 # The run's first line says what it trains: "..., 1000 steps of 64 ..." (steps of the batch size).
 SHAPE = re.compile(r"\), (\d+) steps of (\d+)")
+CPU_THREADS = re.compile(r" steps of \d+ on (\d+) CPU threads?,")
 
 
 def seconds_of(duration: str) -> float:
@@ -49,22 +54,28 @@ def load_average() -> float:
         return float("nan")
 
 
-def timed_run(distillkit: str, steps: int, extra: list[str]) -> dict:
+def timed_run(distillkit: str, steps: int, extra: list[str], threads: str = "default", busy: bool = False) -> dict:
     """One run of the main job: its phases (seconds), ETA, end table and training rate."""
+    import _common
+
     with tempfile.TemporaryDirectory(prefix="main-job-") as runs:
         command = [distillkit, *MAIN_JOB, *(["--max-steps", str(steps)] if steps else []), "--runs-dir", runs, *extra]
         load = load_average()
-        started = time.perf_counter()
         # A cold cache, as a new user has: the cached ode_error reference of identical weights
         # (runs are deterministic) would otherwise make every run after the first look cheaper.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DISTILLKIT_CACHE": str(Path(runs) / "cache")}
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in process.stdout]
-        process.wait()
-        wall = time.perf_counter() - started
+        if threads != "default":
+            env["OMP_NUM_THREADS"] = threads
+        with _common.busy_neighbour(busy):
+            started = time.perf_counter()
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in process.stdout]
+            process.wait()
+            wall = time.perf_counter() - started
     if process.returncode != 0:
         raise SystemExit(f"main_job: the run exited {process.returncode}: {[text for _, text in lines[-3:]]}")
-    return summarise(lines, wall, steps, load)
+    return {**summarise(lines, wall, steps, load), "omp_num_threads": env.get("OMP_NUM_THREADS", "unset"),
+            "neighbour": "one busy process" if busy else "idle"}
 
 
 def summarise(lines: list[tuple[float, str]], wall: float, steps: int, load: float) -> dict:
@@ -81,7 +92,9 @@ def summarise(lines: list[tuple[float, str]], wall: float, steps: int, load: flo
              for _, text in lines if (m := TABLE_ROW.match(text))}
     rate = next((int(m.group(1).replace(",", "")) for _, text in lines if (m := RATE.search(text))), None)
     trained = next(((int(m.group(1)), int(m.group(2))) for _, text in lines if (m := SHAPE.search(text))), (None, None))
-    return {"steps": steps, "steps_trained": trained[0], "batch_size": trained[1], "wall_s": wall,
+    threads = next((int(m.group(1)) for _, text in lines if (m := CPU_THREADS.search(text))), None)
+    return {"steps": steps, "steps_trained": trained[0], "batch_size": trained[1], "cpu_threads": threads,
+            "wall_s": wall,
             "phases_s": phases, "load_before": load,
             "eta_s": eta, "eta_printed_at_s": eta_at, "actual_rest_s": None if eta_at is None else wall - eta_at,
             "images_per_second": rate, "quality": table}
@@ -95,18 +108,22 @@ def markdown(rows: list[dict], info: dict, command: str, extra: list[str]) -> st
              "and split at the lines it prints: start-up ends at the run's first line, training at \"training done\", "
              "evaluation at the end table; exit is the rest (the checkpoint figure, MLflow, interpreter shut-down). "
              "ETA: the line printed after the first steps, against the time the run then really took. "
-             "Load: the 1-minute load average before the run.", "",
-             "| run | steps × batch | wall s | start-up s | training s | evaluation s | exit s | ETA s / actual s | "
-             "images/s | load | fd_pixels NFE 1 / 2 / 4 / 8 | NFE 1 / NFE 4 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
+             "Load: the 1-minute load average before the run. CPU threads: the count the run says it trains on "
+             "(OMP_NUM_THREADS unset: distillkit's default, one core spare).", "",
+             "| run | neighbour | OMP_NUM_THREADS | CPU threads | steps × batch | wall s | start-up s | training s | "
+             "evaluation s | exit s | ETA s / actual s | images/s | load | fd_pixels NFE 1 / 2 / 4 / 8 | "
+             "NFE 1 / NFE 4 |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
     for i, row in enumerate(rows, start=1):
         p, q = row["phases_s"], row["quality"]
         fd = " / ".join(f"{q[n]['fd_pixels']:.4f}" for n in sorted(q))
         gain = f"{q[1]['fd_pixels'] / q[4]['fd_pixels']:.1f}×" if 1 in q and 4 in q else "—"
         eta = "—" if row["eta_s"] is None else f"{row['eta_s']:.0f} / {row['actual_rest_s']:.0f}"
-        shape = f"{row['steps_trained']} × {row['batch_size']}" if row.get("batch_size") else str(row["steps"] or "default")
-        lines.append(f"| {i} | {shape} | {row['wall_s']:.1f} | {p['start-up']:.1f} | "
-                     f"{p['training']:.1f} | {p['evaluation']:.1f} | {p['exit']:.1f} | {eta} | "
+        shape = (f"{row['steps_trained']} × {row['batch_size']}" if row.get("batch_size")
+                 else str(row["steps"] or "default"))
+        lines.append(f"| {i} | {row['neighbour']} | {row['omp_num_threads']} | {row['cpu_threads'] or '—'} | "
+                     f"{shape} | {row['wall_s']:.1f} | "
+                     f"{p['start-up']:.1f} | {p['training']:.1f} | {p['evaluation']:.1f} | {p['exit']:.1f} | {eta} | "
                      f"{row['images_per_second'] or '—'} | {row['load_before']:.2f} | {fd} | {gain} |")
     return "\n".join(lines) + "\n"
 
@@ -134,6 +151,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", default="", help="comma-separated --max-steps values (default: the run's default)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per step count, one after another")
+    parser.add_argument("--threads", default="default",
+                        help="comma-separated OMP_NUM_THREADS values for the runs (default: the environment's)")
+    parser.add_argument("--neighbour", default="idle", help="comma-separated: idle, busy (beside one busy process)")
     parser.add_argument("--out", default="", help="markdown file to write; the numbers go to the same name .json")
     _common.one_line_errors(parser, "main_job")
     args = parser.parse_args(own)
@@ -143,12 +163,19 @@ def main(argv=None) -> int:
         parser.error(f"--steps must be comma-separated positive integers, got {args.steps!r}")
     if (args.steps and min(steps) <= 0) or args.repeats < 1:
         parser.error("--steps must be positive integers and --repeats at least 1")
+    threads, neighbours = args.threads.split(","), args.neighbour.split(",")
+    if not all(t == "default" or (t.isdigit() and int(t) > 0) for t in threads):
+        parser.error(f"--threads must be comma-separated positive integers or 'default', got {args.threads!r}")
+    if not set(neighbours) <= {"idle", "busy"}:
+        parser.error(f"--neighbour must be comma-separated values of idle and busy, got {args.neighbour!r}")
     distillkit = str(Path(sys.executable).with_name("distillkit"))
     rows = []
+    conditions = [(count, n, t) for n in neighbours for t in threads for count in steps]
     for _ in range(args.repeats):
-        for count in steps:
-            rows.append(timed_run(distillkit, count, extra))
-            _common.log(f"main_job: {count or 'default'} steps: {rows[-1]['wall_s']:.1f} s wall")
+        for count, neighbour, thread_count in conditions:
+            rows.append(timed_run(distillkit, count, extra, thread_count, neighbour == "busy"))
+            _common.log(f"main_job: {count or 'default'} steps, {neighbour}, threads {thread_count}: "
+                        f"{rows[-1]['wall_s']:.1f} s wall")
     info = _common.machine(torch.device("cpu"))
     info["boot"] = boot_time()
     command = _common.command_line()

@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,21 +28,17 @@ CHILD = ("import sys, json, torch; sys.path.insert(0, {here!r}); import _trainin
 
 
 def measure(label: str, threads: int, policy: str, busy: bool, warmup: int, timed: int) -> dict:
+    import _common
+
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["OMP_NUM_THREADS"] = str(threads)
     if policy.startswith("spin="):  # libgomp's spin count before a waiting thread sleeps
         env["GOMP_SPINCOUNT"] = policy.split("=", 1)[1]
     elif policy != "default":
         env["OMP_WAIT_POLICY"] = policy
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-    try:
-        time.sleep(0.5 if busy else 0)
-        code = CHILD.format(here=str(HERE), threads=threads, label=label, warmup=warmup, timed=timed)
+    code = CHILD.format(here=str(HERE), threads=threads, label=label, warmup=warmup, timed=timed)
+    with _common.busy_neighbour(busy):
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
-    finally:
-        if neighbour is not None:
-            neighbour.kill()
-            neighbour.wait()
     if done.returncode != 0:
         raise SystemExit(f"threads: a measurement failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

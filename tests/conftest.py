@@ -32,3 +32,6 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+    # The command line's own default (one core spare) yields to the environment: commands run
+    # in-process and child processes keep this one thread.
+    os.environ["OMP_NUM_THREADS"] = "1"

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import attrs
 
 from ..errors import ConfigError, DistillkitError, UsageError, did_you_mean, exit_status
+from ..threads import leave_a_core_spare
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,6 +164,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plugins":
         return cmd_plugins(args)
     _warn_about_broken_plugins()
+    leave_a_core_spare()  # before any torch work; OMP_NUM_THREADS wins (distillkit/threads.py)
     if args.command in ("sample", "eval", "compare", "fid-stats", "export"):
         from . import compare, evaluate, export, fid_stats, sample
 

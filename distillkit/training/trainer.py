@@ -100,6 +100,7 @@ def _log_start(resolved: Resolved, tracker: Tracker, parts: Components, state: T
     tags = describe(resolved, parts)
     tags["distillkit.ema"] = ",".join(state.student.emas)
     tags["distillkit.nonfinite_check"] = "device" if state.check_on_device else "host"
+    tags["distillkit.cpu_threads"] = str(torch.get_num_threads())  # it changes a CPU run's floats
     if len(state.networks) > 1:
         tags["distillkit.networks"] = ",".join(state.networks)
     if teacher is not None:
@@ -113,7 +114,14 @@ def _log_start(resolved: Resolved, tracker: Tracker, parts: Components, state: T
     tracker.log_metrics(metrics, step=0)
 
 
-def _start_line(resolved: Resolved, state: TrainingState, world: int, start_step: int) -> str:
+def _cpu_threads(device: torch.device) -> str:
+    """The start line's " on N CPU threads" of a CPU run: the count changes its speed and its floats."""
+    count = torch.get_num_threads()
+    return f" on {count} CPU thread{'s' if count != 1 else ''}" if device.type == "cpu" else ""
+
+
+def _start_line(resolved: Resolved, state: TrainingState, world: int, start_step: int,
+                device: torch.device) -> str:
     config, cfg, method = resolved.config, resolved.config.train, state.method
     evals = method.network_evals_per_step()
     if len(state.networks) > 1:
@@ -125,7 +133,9 @@ def _start_line(resolved: Resolved, state: TrainingState, world: int, start_step
     once = method.network_evals_once()
     return (f"distillkit: {config.method} on {config.dataset} with {resolved.backbone_name} "
             f"({size}), {cfg.max_steps} steps of {cfg.batch_size}"
-            f"{f' on {world} processes' if world > 1 else ''}, {evals['with_grad']} forward+backward and "
+            f"{f' on {world} processes' if world > 1 else ''}"
+            f"{_cpu_threads(device)}"
+            f", {evals['with_grad']} forward+backward and "
             f"{evals['no_grad']} no-grad network evaluations"
             + (f" and {evals['jvp']} Jacobian-vector products" if evals.get("jvp") else "") + " per step"
             + (f" (plus {once:,} once, for the data it trains on)" if once else "")
@@ -228,7 +238,7 @@ def train(
     if start_step == 0:
         _log_start(resolved, tracker, run.parts, run.state, teacher)
     if distributed.is_main:
-        log(_start_line(resolved, run.state, distributed.world_size, start_step))
+        log(_start_line(resolved, run.state, distributed.world_size, start_step, device))
     reporting = progress and distributed.is_main
     final_loss, images_per_second, checkpoint = _train_steps(run, tracker, output_dir, distributed, reporting,
                                                              on_step, log)

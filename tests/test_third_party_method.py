@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from distillkit.training.checkpoint import load_checkpoint
+from example_packages import pip_install_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -32,14 +33,7 @@ DMD_ARGS = ["run", "--method", "toy-dmd", "--teacher", "toy2d-exact", "--dataset
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """pip-install both examples into a private directory (not into the test environment)."""
-    target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
-    for name in ("distillkit-stepflow", "distillkit-toydmd"):
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-             "--no-index", "--target", str(target), str(EXAMPLES / name)],
-            check=True, cwd=build, capture_output=True,
-        )
+    target = pip_install_examples(["distillkit-stepflow", "distillkit-toydmd"], tmp_path_factory)
     return dict(os.environ, PYTHONPATH=str(target), OMP_NUM_THREADS="1")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from example_packages import pip_install_examples
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "distillkit-ssprk3"
 BIN = Path(sys.executable).parent
@@ -16,13 +18,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """pip-install the example into a private directory (not into the test environment)."""
-    target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(EXAMPLE)],
-        check=True, cwd=build, capture_output=True,
-    )
+    target = pip_install_examples(["distillkit-ssprk3"], tmp_path_factory)
     env = dict(os.environ, PYTHONPATH=str(target))
     return env
 

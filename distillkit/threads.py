@@ -3,13 +3,13 @@
 torch's own default is one intra-op thread per core, and its OpenMP threads spin while they wait
 for each other. When another process holds one of the cores, the thread that waits for it stalls
 every parallel op of the team. Measured on an idle 2-core machine with the main job
-(docs/results/main-job-threads-cpu.md): beside one busy process, torch's two threads took 192 s
-against 96 s for one thread; on the idle machine one thread cost a third (77 s against 57 s). A
-team one core short of the machine never waits for a core that a single other job holds.
+(docs/results/main-job-threads-cpu.md): beside one busy process, torch's two threads took 186 s
+against 91 s for one thread; on the idle machine one thread cost a third (79 s against 60 s). A
+team one core short of the machine does not wait for the core that one other busy thread holds.
 
 The count depends on the machine only, never on its load, so the same command on the same machine
 trains the same floats (the thread count changes them in their last bits). ``OMP_NUM_THREADS``
-or ``MKL_NUM_THREADS`` (torchrun sets the first for its workers) always wins. Only the command
+or ``MKL_NUM_THREADS`` (torchrun sets the first when it starts several workers) always wins. Only the command
 line applies this: the Python API leaves a notebook's process-wide setting alone.
 """
 

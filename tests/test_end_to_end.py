@@ -32,6 +32,7 @@ def test_cud_run_is_tracked_in_mlflow_with_params_metrics_and_artifacts(capsys, 
     assert run.data.params["method"] == "cud" and run.data.params["integrator"] == "rk2"
     assert run.data.params["method_options.tn"] == "16" and run.data.params["train.max_steps"] == "12"
     assert run.data.tags["distillkit.method"] == "cud" and run.data.tags["distillkit.backbone"] == "unet"
+    assert run.data.tags["distillkit.cpu_threads"] == "1"  # the thread count of conftest's OMP_NUM_THREADS
     for key in ("eval/fd_pixels/nfe1", "eval/fd_pixels/nfe2", "eval/ode_error/nfe2", "train/loss"):
         assert key in run.data.metrics
     assert run.data.metrics["cost/network_evals_no_grad"] == 4

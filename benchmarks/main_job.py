@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 MAIN_JOB = ["run", "--method", "cud", "--integrator", "rk3"]
@@ -78,26 +79,28 @@ def timed_run(distillkit: str, steps: int, extra: list[str], threads: str = "def
             "neighbour": "one busy process" if busy else "idle"}
 
 
+def first_match(lines: list[tuple[float, str]], pattern: re.Pattern) -> tuple[Optional[float], Optional[re.Match]]:
+    """(when, match) of the first printed line ``pattern`` finds; (None, None) if none does."""
+    return next(((when, m) for when, text in lines if (m := pattern.search(text))), (None, None))
+
+
 def summarise(lines: list[tuple[float, str]], wall: float, steps: int, load: float) -> dict:
     phases, previous = {}, 0.0
     for name, pattern in PHASE_ENDS:
-        at = next((when for when, text in lines if pattern.search(text)), None)
+        at, _ = first_match(lines, pattern)
         if at is None:
             raise SystemExit(f"main_job: the run never printed the line that ends its {name}")
         phases[name], previous = at - previous, at
     phases["exit"] = wall - previous
-    eta_at, eta = next(((when, seconds_of(m.group(1))) for when, text in lines if (m := ETA_LINE.search(text))),
-                       (None, None))
+    eta_at, eta = first_match(lines, ETA_LINE)
     table = {int(m.group(1)): {"fd_pixels": float(m.group(2)), "ode_error": float(m.group(3))}
              for _, text in lines if (m := TABLE_ROW.match(text))}
-    rate = next((int(m.group(1).replace(",", "")) for _, text in lines if (m := RATE.search(text))), None)
-    trained = next(((int(m.group(1)), int(m.group(2))) for _, text in lines if (m := SHAPE.search(text))), (None, None))
-    threads = next((int(m.group(1)) for _, text in lines if (m := CPU_THREADS.search(text))), None)
-    return {"steps": steps, "steps_trained": trained[0], "batch_size": trained[1], "cpu_threads": threads,
-            "wall_s": wall,
-            "phases_s": phases, "load_before": load,
-            "eta_s": eta, "eta_printed_at_s": eta_at, "actual_rest_s": None if eta_at is None else wall - eta_at,
-            "images_per_second": rate, "quality": table}
+    rate, shape, threads = (first_match(lines, pattern)[1] for pattern in (RATE, SHAPE, CPU_THREADS))
+    return {"steps": steps, "steps_trained": shape and int(shape.group(1)), "batch_size": shape and int(shape.group(2)),
+            "cpu_threads": threads and int(threads.group(1)), "wall_s": wall, "phases_s": phases,
+            "load_before": load, "eta_s": eta and seconds_of(eta.group(1)), "eta_printed_at_s": eta_at,
+            "actual_rest_s": None if eta_at is None else wall - eta_at,
+            "images_per_second": rate and int(rate.group(1).replace(",", "")), "quality": table}
 
 
 def markdown(rows: list[dict], info: dict, command: str, extra: list[str]) -> str:

@@ -9,8 +9,8 @@ team one core short of the machine does not wait for the core that one other bus
 
 The count depends on the machine only, never on its load, so the same command on the same machine
 trains the same floats (the thread count changes them in their last bits). ``OMP_NUM_THREADS``
-or ``MKL_NUM_THREADS`` (torchrun sets the first when it starts several workers) always wins. Only the command
-line applies this: the Python API leaves a notebook's process-wide setting alone.
+or ``MKL_NUM_THREADS`` (torchrun sets the first when it starts several workers) always wins.
+Only the command line applies this: the Python API leaves a notebook's process-wide setting alone.
 """
 
 from __future__ import annotations
